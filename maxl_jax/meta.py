@@ -1,0 +1,131 @@
+"""Exact gradients through optax updates: the estimator behind MAXL's meta step.
+
+Given an inner loss ``L_in(params, hyper)`` and an outer loss ``L_out(params, hyper)``,
+
+    params_plus(hyper) = k optax steps of ``optimizer`` on ``L_in(., hyper)`` from ``params``
+    meta_gradient      = d/d hyper  L_out(params_plus(hyper), hyper)
+
+differentiated exactly (second order). For MAXL ``params`` is theta1, ``hyper`` is the generator's
+soft labels (chain the result through the generator with ``jax.vjp`` to reach theta2), ``L_in`` is
+``L_pri + L_aux`` and ``L_out`` is ``L_pri + lambda * H``.
+
+Two forms, equal up to float rounding:
+
+* ``"reverse"``: reverse-over-reverse; ``jax.grad`` of the whole unrolled update (any ``k``).
+* ``"forward_over_reverse"`` (``k = 1``): ``dL_out/dhyper = dL_out/dhyper|direct + (d g/d hyper)^T w``
+  with ``g = grad_params L_in`` and ``w = (dU/dg)^T grad L_out(params_plus)`` (a VJP through the
+  optimizer's update ``U``); the mixed second derivative ``(d g / d hyper)^T w`` is the JVP, along
+  ``w`` in ``params``, of ``grad_hyper L_in`` (forward-over-reverse, no finite differences).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import optax
+
+PyTree = Any
+# loss(params, hyper) -> (scalar loss, aux pytree)
+LossFn = Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]]
+
+FORMS = ("reverse", "forward_over_reverse")
+
+
+class MetaGradient(NamedTuple):
+    """Result of ``meta_gradient``.
+
+    Attributes:
+      outer_loss: ``L_out(params_plus, hyper)``.
+      grad_hyper: its exact gradient w.r.t. ``hyper`` (same structure as ``hyper``).
+      params_plus: the parameters after the inner steps.
+      inner_loss: ``L_in(params, hyper)`` at the first inner step.
+      inner_aux: the aux output of the first inner step (e.g. updated BatchNorm statistics).
+      outer_aux: the aux output of the outer loss.
+    """
+
+    outer_loss: jax.Array
+    grad_hyper: PyTree
+    params_plus: PyTree
+    inner_loss: jax.Array
+    inner_aux: PyTree
+    outer_aux: PyTree
+
+
+def unrolled_update(loss_fn: Callable[[PyTree], tuple[jax.Array, PyTree]], params: PyTree,
+                    optimizer: optax.GradientTransformation, steps: int = 1):
+    """``steps`` optax updates of ``params`` on ``loss_fn`` from a fresh optimizer state.
+
+    Differentiable end to end. Returns ``(params_plus, first_loss, first_aux)``.
+    """
+    if steps < 1:
+        raise ValueError(f"inner steps must be >= 1, got {steps}")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    opt_state = optimizer.init(params)
+    first = None
+    for _ in range(steps):
+        (loss, aux), grads = grad_fn(params)
+        if first is None:
+            first = (loss, aux)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, first[0], first[1]
+
+
+def meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: PyTree, hyper: PyTree,
+                  optimizer: optax.GradientTransformation, *, steps: int = 1,
+                  form: str = "reverse") -> MetaGradient:
+    """Exact gradient w.r.t. ``hyper`` of ``outer_loss(params_plus(hyper), hyper)``.
+
+    Args:
+      inner_loss: ``(params, hyper) -> (loss, aux)``, the loss the inner optimizer descends.
+      outer_loss: ``(params_plus, hyper) -> (loss, aux)``, evaluated after the inner steps.
+      params: the inner parameters (theta1).
+      hyper: what the gradient is taken with respect to.
+      optimizer: any optax ``GradientTransformation``; its state starts fresh (``optimizer.init``).
+        When it is Adam, use ``eps_root > 0``: with ``eps_root=0`` the meta-gradient is NaN wherever
+        an inner gradient is exactly zero.
+      steps: number of inner steps ``k``.
+      form: ``"reverse"`` or ``"forward_over_reverse"`` (``k = 1`` only).
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown meta-gradient form {form!r}; choose one of {FORMS}")
+    if form == "reverse":
+        return _reverse(inner_loss, outer_loss, params, hyper, optimizer, steps)
+    if steps != 1:
+        raise ValueError(f"form='forward_over_reverse' supports steps=1 only (got {steps}); "
+                         "use form='reverse' for several inner steps")
+    return _forward_over_reverse(inner_loss, outer_loss, params, hyper, optimizer)
+
+
+def _reverse(inner_loss, outer_loss, params, hyper, optimizer, steps):
+    def objective(h):
+        params_plus, in_loss, in_aux = unrolled_update(lambda p: inner_loss(p, h), params,
+                                                       optimizer, steps)
+        out_loss, out_aux = outer_loss(params_plus, h)
+        return out_loss, (params_plus, in_loss, in_aux, out_aux)
+
+    (out_loss, (params_plus, in_loss, in_aux, out_aux)), grad = jax.value_and_grad(
+        objective, has_aux=True)(hyper)
+    return MetaGradient(out_loss, grad, params_plus, in_loss, in_aux, out_aux)
+
+
+def _forward_over_reverse(inner_loss, outer_loss, params, hyper, optimizer):
+    (in_loss, in_aux), g = jax.value_and_grad(inner_loss, has_aux=True)(params, hyper)
+    opt_state = optimizer.init(params)
+
+    def update(grads):
+        updates, _ = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates)
+
+    params_plus, update_vjp = jax.vjp(update, g)
+    (out_loss, out_aux), (d_params_plus, d_hyper) = jax.value_and_grad(
+        outer_loss, argnums=(0, 1), has_aux=True)(params_plus, hyper)
+    (w,) = update_vjp(d_params_plus)
+
+    def grad_hyper_at(p):
+        return jax.grad(lambda p_, h: inner_loss(p_, h)[0], argnums=1)(p, hyper)
+
+    _, mixed = jax.jvp(grad_hyper_at, (params,), (w,))
+    grad = jax.tree_util.tree_map(lambda a, b: a + b, d_hyper, mixed)
+    return MetaGradient(out_loss, grad, params_plus, in_loss, in_aux, out_aux)
