@@ -1,0 +1,47 @@
+"""The reference setup: CIFAR-100, 20 superclasses, VGG-16-BN, MAXL with psi = [5] * 20, 200 epochs.
+
+Every field can be overridden on the command line, e.g. ``--config.method=single``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "cifar100"          # cifar100 | cifar10 | fashion_mnist | fashion_mnist_coarse
+    c.data_dir = ""                 # TFDS data_dir (or a folder with the Fashion-MNIST IDX archives)
+    c.download = False              # let TFDS download and prepare the data (needs tensorflow)
+    c.primary_level = 20            # cifar100 only: 20, 10 or 3 primary classes
+    c.train_fraction = 1.0          # stratified fraction of the training set (low-data protocol)
+    c.augment = True                # random crop (padding 4) + horizontal flip, as the reference
+    # Method and hierarchy.
+    c.method = "maxl"               # single | human | random | maxl
+    c.psi = ()                      # auxiliary classes per primary class; empty: aux_per_class each
+    c.aux_per_class = 5
+    # Networks.
+    c.arch = "vgg16"                # vgg16 | small
+    c.width = 0                     # small CNN: first block's filters (0: 32)
+    c.head_width = 0                # 0: 512 for vgg16, the backbone width for small
+    c.conv_impl = "auto"            # auto | xla | shifted_matmul | patches
+    # Optimisation (the reference's values).
+    c.batch_size = 100
+    c.epochs = 200
+    c.lr = 0.01                     # theta1: SGD, no momentum
+    c.generator_lr = 1e-3           # theta2: SGD with L2 weight decay
+    c.weight_decay = 5e-4
+    c.inner_lr = 0.01               # alpha of the differentiated inner step
+    c.decay_every = 50              # all rates halved every 50 epochs
+    c.inner_steps = 1
+    c.entropy_weight = 0.2
+    c.aux_weight = 1.0
+    c.gamma = 2.0                   # focal loss
+    c.meta_form = "reverse"         # reverse | forward_over_reverse
+    # Run.
+    c.seed = 0
+    c.eval_batch_size = 500
+    c.max_steps_per_epoch = 0       # 0: the whole training set each epoch
+    c.checkpoint_every_steps = 0    # 0: a checkpoint at the end of each epoch only
+    c.keep_checkpoints = 3
+    c.last_k = 15                   # report the mean test accuracy of the last k epochs
+    return c

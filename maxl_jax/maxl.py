@@ -1,0 +1,193 @@
+"""MAXL as pure functions: generated labels, the multi-task loss and the exact meta-gradient.
+
+Notation (shapes): images ``x (B, H, W, C)`` float, primary labels ``y (B,)`` int, ``P = len(psi)``
+primary classes, ``K = sum(psi)`` auxiliary classes.
+
+* Soft labels ``s = mask_softmax(g(x; theta2), y)``, ``(B, K)``.
+* Training loss of f: ``L_train = L_pri(f_pri(x; theta1), y) + aux_weight * L_aux(f_aux(x; theta1), s)``
+  with the focal loss (gamma 2) for both.
+* Meta objective: ``L_meta(theta2) = L_pri(f_pri(x; theta1+)) + entropy_weight * H(s)`` with
+  ``theta1+`` = ``k`` steps of the inner optimizer on ``L_train`` (one SGD step of size alpha in the
+  reference), differentiated exactly. BatchNorm uses batch statistics in every forward; only the
+  forward at theta1 updates f's running statistics.
+
+Every function takes ``axis_name`` for use inside ``shard_map``: batch means and BatchNorm statistics
+are then taken over the whole sharded batch, so results equal the single-device ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from maxl_jax import hierarchy, losses, meta
+
+PyTree = Any
+
+
+def generate_labels(generator: nn.Module, gen_variables: PyTree, x: jax.Array, y: jax.Array,
+                    psi: Sequence[int], *, train: bool = True, axis_name: str | None = None):
+    """Soft auxiliary labels ``(B, sum(psi))`` and g's updated BatchNorm statistics.
+
+    In train mode (the reference's setting) BatchNorm uses batch statistics and the running statistics
+    are updated; in eval mode the running statistics are used and returned unchanged.
+    """
+    if train:
+        logits, updated = generator.apply(gen_variables, x, True, axis_name,
+                                          mutable=["batch_stats"])
+        stats = updated["batch_stats"]
+    else:
+        logits = generator.apply(gen_variables, x, False)
+        stats = gen_variables["batch_stats"]
+    return losses.mask_softmax(logits, y, psi), stats
+
+
+def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array,
+                   y: jax.Array, aux_targets: jax.Array | None, *, aux_weight: float = 1.0,
+                   gamma: float = 2.0, axis_name: str | None = None):
+    """``L_pri + aux_weight * L_aux`` of f in train mode (batch statistics).
+
+    Args:
+      aux_targets: ``(B, K_aux)`` one-hot or soft auxiliary targets, or ``None`` for single-task
+        training (``L_pri`` alone).
+    Returns:
+      ``(loss, (new_batch_stats, parts))`` with ``parts`` holding ``primary``, ``auxiliary`` (0 for
+      single-task) and ``primary_logits``.
+    """
+    (primary_logits, aux_logits), updated = multitask.apply(
+        {"params": params, "batch_stats": batch_stats}, x, True, axis_name, mutable=["batch_stats"])
+    primary = losses.primary_focal_loss(primary_logits, y, gamma, axis_name)
+    if aux_targets is None:
+        auxiliary = jnp.zeros_like(primary)
+        total = primary
+    else:
+        auxiliary = losses.focal_loss(aux_logits, aux_targets, gamma, axis_name)
+        total = primary + aux_weight * auxiliary
+    parts = {"primary": primary, "auxiliary": auxiliary, "primary_logits": primary_logits}
+    return total, (updated["batch_stats"], parts)
+
+
+class MaxlMetaGradient(NamedTuple):
+    """Result of ``meta_gradient``: ``grad`` w.r.t. the generator's params (same tree), the meta
+    objective, f's and g's updated BatchNorm statistics, and diagnostics (``metrics``)."""
+
+    grad: PyTree
+    meta_loss: jax.Array
+    multitask_batch_stats: PyTree
+    generator_batch_stats: PyTree
+    soft_labels: jax.Array
+    metrics: dict
+
+
+def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variables: PyTree,
+                  generator_variables: PyTree, x: jax.Array, y: jax.Array, psi: Sequence[int], *,
+                  inner_optimizer: optax.GradientTransformation | None = None,
+                  inner_lr: float | jax.Array = 0.01, inner_steps: int = 1,
+                  entropy_weight: float = 0.2, aux_weight: float = 1.0, gamma: float = 2.0,
+                  form: str = "reverse", axis_name: str | None = None) -> MaxlMetaGradient:
+    """Exact gradient w.r.t. theta2 of ``L_pri(f(x; theta1+)) + entropy_weight * H(g(x; theta2))``.
+
+    ``theta1+`` comes from ``inner_steps`` updates of ``inner_optimizer`` (default: plain SGD with
+    step ``inner_lr``, as the reference) on ``L_pri + aux_weight * L_aux``. The derivative goes
+    through the inner update (second order) into the soft labels ``s``; ``jax.vjp`` of the generator
+    then carries it to theta2. ``form`` picks the estimator for ``d L_meta / d s`` (see ``meta``).
+
+    Args:
+      multitask_variables / generator_variables: ``{'params', 'batch_stats'}`` of f and g.
+      x: ``(B, H, W, C)`` images; y: ``(B,)`` primary labels.
+    """
+    psi = hierarchy.validate_psi(psi)
+    if inner_optimizer is None:
+        inner_optimizer = optax.sgd(inner_lr)
+
+    def labels_of(gen_params):
+        return generate_labels(generator, {"params": gen_params,
+                                           "batch_stats": generator_variables["batch_stats"]},
+                               x, y, psi, train=True, axis_name=axis_name)
+
+    soft, labels_vjp, gen_stats = jax.vjp(labels_of, generator_variables["params"], has_aux=True)
+    mt_stats = multitask_variables["batch_stats"]
+
+    def inner_loss(params, s):
+        return multitask_loss(multitask, params, mt_stats, x, y, s, aux_weight=aux_weight,
+                              gamma=gamma, axis_name=axis_name)
+
+    def outer_loss(params_plus, s):
+        # Batch statistics at theta1+; its running-statistics update is discarded (as the reference).
+        primary_logits, _ = multitask.apply({"params": params_plus, "batch_stats": mt_stats}, x,
+                                            True, axis_name, mutable=["batch_stats"])[0]
+        primary = losses.primary_focal_loss(primary_logits, y, gamma, axis_name)
+        entropy = losses.entropy_term(s, axis_name)
+        return primary + entropy_weight * entropy, {"primary_after": primary, "entropy": entropy,
+                                                    "primary_logits_after": primary_logits}
+
+    result = meta.meta_gradient(inner_loss, outer_loss, multitask_variables["params"], soft,
+                                inner_optimizer, steps=inner_steps, form=form)
+    (grad,) = labels_vjp(result.grad_hyper)
+    new_mt_stats, parts = result.inner_aux
+    metrics = {
+        "primary_before": parts["primary"],
+        "auxiliary_before": parts["auxiliary"],
+        "accuracy_before": accuracy(parts["primary_logits"], y, axis_name),
+        "primary_after": result.outer_aux["primary_after"],
+        "accuracy_after": accuracy(result.outer_aux["primary_logits_after"], y, axis_name),
+        "entropy_term": result.outer_aux["entropy"],
+    }
+    return MaxlMetaGradient(grad, result.outer_loss, new_mt_stats, gen_stats, soft, metrics)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """Top-1 accuracy of ``logits (B, K)`` against ``labels (B,)``."""
+    return losses.batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis_name)
+
+
+def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=axis)
+
+
+def label_statistics(soft: jax.Array, y: jax.Array, psi: Sequence[int],
+                     axis_name: str | None = None) -> dict:
+    """Summaries of generated labels ``soft (B, K)`` for primary labels ``y (B,)``.
+
+    Returns:
+      ``label_entropy``: mean per-example entropy (nats; 0 = one-hot labels).
+      ``usage_entropy``: entropy of the batch-mean label (how many auxiliary classes are in use).
+      ``soft_label_sum (K,)``, ``primary_count (P,)``, ``label_entropy_sum (P,)``: sums over the batch
+        (and devices), to accumulate over an epoch and pass to ``block_usage``.
+    """
+    psi = hierarchy.validate_psi(psi)
+    per_example = _entropy(soft)
+    one_hot_y = jax.nn.one_hot(y, len(psi), dtype=soft.dtype)
+    sums = {
+        "soft_label_sum": jnp.sum(soft, 0),
+        "primary_count": jnp.sum(one_hot_y, 0),
+        "label_entropy_sum": one_hot_y.T @ per_example,
+    }
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    return {"label_entropy": losses.batch_mean(per_example, axis_name),
+            "usage_entropy": _entropy(losses.batch_mean(soft, axis_name)), **sums}
+
+
+def block_usage(soft_label_sum: jax.Array, primary_count: jax.Array, label_entropy_sum: jax.Array,
+                psi: Sequence[int]) -> dict:
+    """Per primary class: how its examples spread over its own auxiliary block.
+
+    Returns arrays of shape ``(P,)``: ``usage_entropy`` (entropy of the class's mean label inside its
+    block, divided by ``log psi[c]``: 1 = all auxiliary classes used equally, 0 = one class),
+    ``effective_classes`` (``exp`` of the unnormalised entropy), ``label_entropy`` (mean per-example
+    entropy: near ``log psi[c]`` means near-uniform soft labels, the collapse to watch for).
+    """
+    psi = hierarchy.validate_psi(psi)
+    indicator = jnp.asarray(hierarchy.block_indicator(psi))             # (P, K)
+    block = indicator * soft_label_sum[None, :]                          # (P, K)
+    dist = block / jnp.maximum(jnp.sum(block, -1, keepdims=True), 1e-30)
+    ent = _entropy(dist)
+    log_psi = jnp.log(jnp.asarray(psi, jnp.float32))
+    norm = jnp.where(log_psi > 0, ent / jnp.where(log_psi > 0, log_psi, 1.0), 0.0)
+    return {"usage_entropy": norm, "effective_classes": jnp.exp(ent),
+            "label_entropy": label_entropy_sum / jnp.maximum(primary_count, 1.0)}

@@ -1,0 +1,196 @@
+"""MAXL's two networks as Flax Linen modules, used through pure ``apply`` functions.
+
+* ``MultiTaskNet`` f(theta1): a backbone shared by a primary head (``num_primary`` classes) and an
+  auxiliary head (``num_auxiliary`` classes); each head is ``Dense(width) - ReLU - Dense(K)``.
+* ``LabelGenerator`` g(theta2): a separate backbone with one ``Dense(width) - ReLU - Dense(sum(psi))``
+  head. It returns logits; the mask softmax (``losses.mask_softmax``) turns them into soft labels.
+
+Both return logits (the reference's heads end in softmax; the losses apply it in log space).
+Variables: ``{'params': ..., 'batch_stats': ...}``. Call with ``train=True`` and
+``mutable=['batch_stats']`` to use batch statistics and get updated running statistics.
+
+Backbones: the reference CIFAR VGG-16-BN (``vgg16``) and a small CNN for 2-core CPUs (``small``).
+Initialisation follows the reference: Xavier-uniform weights in f, Xavier-normal in g, zero biases,
+BatchNorm scale 1 and bias 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxl_jax.conv import Conv3x3
+
+Initializer = Callable[..., jax.Array]
+
+# Reference initialisers (PyTorch xavier_uniform_ / xavier_normal_, the latter a plain normal).
+XAVIER_UNIFORM = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+XAVIER_NORMAL = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+VGG16_FILTERS = (64, 128, 256, 512, 512)
+VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
+SMALL_FILTERS = (32, 64, 128)
+SMALL_CONVS_PER_BLOCK = (1, 1, 1)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over all but the last axis, as PyTorch's ``BatchNorm2d`` computes it.
+
+    ``momentum`` follows Flax's convention (PyTorch's 0.1 is 0.9 here); the running variance is updated
+    with the unbiased batch variance, as PyTorch does. With ``axis_name`` the batch statistics are taken
+    over all devices of that axis (synchronised BatchNorm), so a sharded batch matches one device.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            count = x.size // features
+            mean = jnp.mean(x, axes)
+            if axis_name is not None:
+                mean = jax.lax.pmean(mean, axis_name)
+                count = count * jax.lax.psum(1, axis_name)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if axis_name is not None:
+                var = jax.lax.pmean(var, axis_name)
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
+                ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1 - m) * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class ConvBackbone(nn.Module):
+    """VGG-style backbone: blocks of [3x3 conv (padding 1) - BN - ReLU] x n, then 2x2 max-pool.
+
+    ``filters=(64,128,256,512,512)``, ``convs_per_block=(2,2,3,3,3)`` is the reference CIFAR VGG-16-BN
+    (32x32x3 -> 1x1x512 -> flatten). With ``global_pool`` the last feature map is averaged over space,
+    so any input size works (the small CNN accepts 28x28x1 and 32x32x3).
+
+    Input ``(B, H, W, C)`` float; output ``(B, features)``.
+    """
+
+    filters: Sequence[int] = VGG16_FILTERS
+    convs_per_block: Sequence[int] = VGG16_CONVS_PER_BLOCK
+    global_pool: bool = False
+    kernel_init: Initializer = XAVIER_UNIFORM
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (batch, height, width, channels), got {x.shape}")
+        layer = 0
+        for features, n_convs in zip(self.filters, self.convs_per_block):
+            for _ in range(n_convs):
+                x = Conv3x3(features, kernel_init=self.kernel_init, impl=self.conv_impl,
+                            name=f"conv_{layer}")(x)
+                x = BatchNorm(name=f"bn_{layer}")(x, train, axis_name)
+                x = nn.relu(x)
+                layer += 1
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        if self.global_pool:
+            return jnp.mean(x, axis=(1, 2))
+        return x.reshape(x.shape[0], -1)
+
+
+class Head(nn.Module):
+    """``Dense(width) - ReLU - Dense(num_classes)``, returning logits."""
+
+    width: int
+    num_classes: int
+    kernel_init: Initializer = XAVIER_UNIFORM
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Dense(self.width, kernel_init=self.kernel_init, name="hidden")(x))
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="out")(x)
+
+
+class MultiTaskNet(nn.Module):
+    """f(theta1): shared backbone, primary head and auxiliary head. Returns ``(primary, auxiliary)``
+    logits of shapes ``(B, num_primary)`` and ``(B, num_auxiliary)``."""
+
+    num_primary: int
+    num_auxiliary: int
+    backbone: ConvBackbone
+    head_width: int = 512
+    kernel_init: Initializer = XAVIER_UNIFORM
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None):
+        h = self.backbone(x, train, axis_name)
+        primary = Head(self.head_width, self.num_primary, self.kernel_init, name="primary_head")(h)
+        auxiliary = Head(self.head_width, self.num_auxiliary, self.kernel_init,
+                         name="auxiliary_head")(h)
+        return primary, auxiliary
+
+
+class LabelGenerator(nn.Module):
+    """g(theta2): its own backbone and one head; returns auxiliary logits ``(B, num_auxiliary)``.
+
+    The true primary label enters only through the mask softmax applied to these logits.
+    """
+
+    num_auxiliary: int
+    backbone: ConvBackbone
+    head_width: int = 512
+    kernel_init: Initializer = XAVIER_NORMAL
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None) -> jax.Array:
+        h = self.backbone(x, train, axis_name)
+        return Head(self.head_width, self.num_auxiliary, self.kernel_init, name="head")(h)
+
+
+ARCHITECTURES = ("vgg16", "small")
+
+
+def make_backbone(arch: str, kernel_init: Initializer, conv_impl: str = "auto",
+                  width: int | None = None) -> ConvBackbone:
+    """``arch='vgg16'`` (reference CIFAR VGG-16-BN) or ``'small'`` (3 conv blocks, global pooling;
+    ``width`` scales its first block's filters, default 32 -> filters (32, 64, 128))."""
+    if arch == "vgg16":
+        return ConvBackbone(VGG16_FILTERS, VGG16_CONVS_PER_BLOCK, False, kernel_init, conv_impl)
+    if arch == "small":
+        w = width or SMALL_FILTERS[0]
+        filters = tuple(w * 2 ** i for i in range(len(SMALL_FILTERS)))
+        return ConvBackbone(filters, SMALL_CONVS_PER_BLOCK, True, kernel_init, conv_impl)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def make_networks(arch: str, num_primary: int, num_auxiliary: int, generator_classes: int,
+                  *, conv_impl: str = "auto", width: int | None = None,
+                  head_width: int | None = None) -> tuple[MultiTaskNet, LabelGenerator]:
+    """The multi-task network and the label generator with the reference's initialisation.
+
+    ``num_auxiliary`` is the multi-task network's auxiliary head size (``sum(psi)``, or the number of
+    fine classes for the human auxiliary task); ``generator_classes`` is ``sum(psi)``. ``head_width``
+    defaults to 512 for VGG-16 and to the backbone's output width for the small CNN.
+    """
+    f_backbone = make_backbone(arch, XAVIER_UNIFORM, conv_impl, width)
+    g_backbone = make_backbone(arch, XAVIER_NORMAL, conv_impl, width)
+    if head_width is None:
+        head_width = 512 if arch == "vgg16" else f_backbone.filters[-1]
+    multitask = MultiTaskNet(num_primary, num_auxiliary, f_backbone, head_width, XAVIER_UNIFORM)
+    generator = LabelGenerator(generator_classes, g_backbone, head_width, XAVIER_NORMAL)
+    return multitask, generator
+
+
+def count_params(params) -> int:
+    """Number of scalars in a params pytree."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
