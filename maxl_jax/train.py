@@ -383,8 +383,10 @@ def summarize(records: list[dict], config, wall_time: float, steps_per_epoch: in
     """Final, best and mean-of-last-k test accuracy, wall time and throughput."""
     acc = [r["test"]["accuracy"] for r in records]
     k = min(int(config.last_k), len(acc)) if acc else 0
-    ips = [r["theta1"]["images_per_sec"] for r in records[1:] if "theta1" in r] or \
-          [r["theta1"]["images_per_sec"] for r in records if "theta1" in r]
+    # Throughput of the theta1 pass, leaving out epoch 1 (compilation) when there are others; a
+    # resumed epoch whose pass was already done has no figure.
+    ips = [r.get("theta1", {}).get("images_per_sec") for r in records]
+    ips = [x for x in (ips[1:] if len(ips) > 1 else ips) if x is not None]
     return {
         "method": config.method, "dataset": config.dataset, "arch": config.arch,
         "seed": config.seed, "epochs": len(records), "steps_per_epoch": steps_per_epoch,
@@ -407,22 +409,27 @@ def plot_learning_curves(records: list[dict], path: pathlib.Path, title: str = "
 
     if not records:
         return
+    nan = float("nan")
+
+    def get(r, part, key):
+        return r.get(part, {}).get(key, nan)
+
     epochs = [r["epoch"] + 1 for r in records]
     has_meta = any("theta2" in r for r in records)
     fig, axes = plt.subplots(1, 3 if has_meta else 2, figsize=(15 if has_meta else 10, 4))
     ax = axes[0]
-    ax.plot(epochs, [r["theta1"]["primary_loss"] for r in records], label="train primary")
+    ax.plot(epochs, [get(r, "theta1", "primary_loss") for r in records], label="train primary")
     ax.plot(epochs, [r["test"]["loss"] for r in records], label="test primary")
     ax.set(xlabel="epoch", ylabel="focal loss", title="loss")
     ax.legend()
     ax = axes[1]
-    ax.plot(epochs, [r["theta1"]["accuracy"] for r in records], label="train")
+    ax.plot(epochs, [get(r, "theta1", "accuracy") for r in records], label="train")
     ax.plot(epochs, [r["test"]["accuracy"] for r in records], label="test")
     ax.set(xlabel="epoch", ylabel="primary accuracy", title="accuracy")
     ax.legend()
     if has_meta:
         ax = axes[2]
-        meta_rec = [r for r in records if "theta2" in r]
+        meta_rec = [r for r in records if r.get("theta2")]
         me = [r["epoch"] + 1 for r in meta_rec]
         ax.plot(me, [r["theta2"]["primary_before"] for r in meta_rec], label="primary at theta1")
         ax.plot(me, [r["theta2"]["primary_after"] for r in meta_rec], label="primary at theta1+")

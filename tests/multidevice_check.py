@@ -1,0 +1,101 @@
+"""Run as a script with 8 fake CPU devices (set before JAX starts): the same steps on 1 device, on 8
+devices through jit + NamedSharding, and on 8 devices through shard_map with axis_name.
+
+Prints one JSON line: the largest relative difference against the 1-device result for each path.
+Used by tests/test_parallel.py in a subprocess.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from maxl_jax import maxl, models, parallel, steps  # noqa: E402
+
+PSI = (2, 3, 2)
+
+
+def rel_diff(a, b) -> float:
+    fa = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(a)])
+    fb = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(b)])
+    return float(np.linalg.norm(fa - fb) / max(np.linalg.norm(fb), 1e-30))
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    mt, gen = models.make_networks("small", len(PSI), sum(PSI), sum(PSI), width=4)
+    f_opt, g_opt, inner = steps.reference_optimizers(10)
+    trainer = steps.Maxl(mt, gen, PSI, "maxl", f_opt, g_opt, inner_lr=inner)
+    state0 = trainer.init(jax.random.PRNGKey(0), (16, 16, 3))
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    batch = {"image": jax.random.normal(k1, (32, 16, 16, 3)),
+             "primary": jax.random.randint(k2, (32,), 0, len(PSI))}
+
+    def run(step_set):
+        # A copy: the compiled steps donate their state argument.
+        s = step_set.place_state(jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state0))
+        s, m1 = step_set.theta1_step(s, batch)
+        s, m2 = step_set.theta2_step(s, batch)
+        ev = step_set.eval_step(s, batch)
+        return jax.device_get((s, m1["loss"], m2["meta_loss"], ev))
+
+    one = run(parallel.DataParallelSteps(trainer, (16, 16, 3), parallel.make_mesh(jax.devices()[:1])))
+    eight = run(parallel.DataParallelSteps(trainer, (16, 16, 3), parallel.make_mesh()))
+
+    mesh = parallel.make_mesh()
+
+    class ShardMapped:
+        theta1_step = staticmethod(parallel.shard_map_step(trainer.theta1_step, mesh))
+        theta2_step = staticmethod(parallel.shard_map_step(trainer.theta2_step, mesh))
+        eval_step = staticmethod(parallel.shard_map_step(
+            lambda s, b, axis_name: (s, trainer.eval_step(s, b, axis_name)), mesh))
+
+    sm_state, sm_l1 = ShardMapped.theta1_step(state0, batch)
+    sm_state, sm_l2 = ShardMapped.theta2_step(sm_state, batch)
+    _, sm_ev = ShardMapped.eval_step(sm_state, batch)
+    shard_mapped = jax.device_get((sm_state, sm_l1["loss"], sm_l2["meta_loss"], sm_ev))
+
+    # The bare meta-gradient too, on 8 devices via shard_map.
+    f_vars, g_vars = state0.multitask_variables, state0.generator_variables
+    mg1 = maxl.meta_gradient(mt, gen, f_vars, g_vars, batch["image"], batch["primary"], PSI).grad
+    mg8 = jax.jit(jax.shard_map(
+        lambda x, y: maxl.meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI,
+                                        axis_name=parallel.DATA_AXIS).grad,
+        mesh=mesh, in_specs=(jax.P(parallel.DATA_AXIS), jax.P(parallel.DATA_AXIS)),
+        out_specs=jax.P()))(batch["image"], batch["primary"])
+    def update_of(result):
+        """What the two steps changed (params and BatchNorm statistics), plus losses and eval sums:
+        differences here are not hidden by the much larger unchanged parameters."""
+        s = result[0]
+        moved = jax.tree_util.tree_map(
+            lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+            (s.multitask_params, s.multitask_batch_stats, s.generator_params, s.generator_batch_stats),
+            (state0.multitask_params, state0.multitask_batch_stats, state0.generator_params,
+             state0.generator_batch_stats))
+        return moved, result[1:]
+
+    try:
+        parallel.DataParallelSteps(trainer, (16, 16, 3), mesh).theta1_step(
+            state0, {"image": batch["image"][:12], "primary": batch["primary"][:12]})
+        indivisible_error = None
+    except ValueError as e:
+        indivisible_error = str(e)
+
+    print(json.dumps({
+        "jit_8_devices": rel_diff(update_of(eight), update_of(one)),
+        "shard_map_8_devices": rel_diff(update_of(shard_mapped), update_of(one)),
+        "update_norm": float(np.sqrt(sum(np.sum(x ** 2) for x in
+                                         jax.tree_util.tree_leaves(update_of(one)[0])))),
+        "indivisible_batch_error": indivisible_error,
+        "meta_gradient_shard_map": rel_diff(mg8, mg1),
+        "meta_gradient_norm": float(steps.global_norm(mg1)),
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Data parallelism: 8 devices give the 1-device result; steps compile once; bad batches fail early."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxl_jax import models, parallel, steps
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def multidevice():
+    """Runs tests/multidevice_check.py with 8 fake CPU devices (JAX's device count is fixed at start)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_check.py")],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_and_meta_step_on_8_devices_equal_1_device(multidevice):
+    assert multidevice["update_norm"] > 1e-4  # the steps really changed the state
+    assert multidevice["jit_8_devices"] < 1e-6
+
+
+def test_shard_map_with_axis_name_equals_1_device(multidevice):
+    assert multidevice["shard_map_8_devices"] < 1e-6
+
+
+def test_meta_gradient_inside_shard_map_equals_1_device(multidevice):
+    assert multidevice["meta_gradient_norm"] > 1e-6
+    assert multidevice["meta_gradient_shard_map"] < 1e-6
+
+
+def test_indivisible_batch_is_rejected_before_compilation(multidevice):
+    msg = multidevice["indivisible_batch_error"]
+    assert msg is not None and "batch size 12 is not divisible by the 8 devices" in msg
+
+
+PSI = (2, 2)
+
+
+def tiny_trainer(method="maxl"):
+    mt, gen = models.make_networks("small", 2, 4, 4, width=2, head_width=8)
+    f_opt, g_opt, inner = steps.reference_optimizers(5)
+    return steps.Maxl(mt, gen, PSI, method, f_opt, g_opt, inner_lr=inner)
+
+
+def make_batch(seed, n=8, aux=False):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    batch = {"image": jax.random.normal(k1, (n, 12, 12, 1)),
+             "primary": jax.random.randint(k2, (n,), 0, 2)}
+    if aux:
+        batch["aux"] = batch["primary"] * 2
+    return batch
+
+
+def test_steps_trace_once_across_repeated_calls():
+    trainer = tiny_trainer()
+    theta1 = chex.assert_max_traces(trainer.theta1_step, n=1)
+    theta2 = chex.assert_max_traces(trainer.theta2_step, n=1)
+    j1, j2 = jax.jit(theta1, donate_argnums=0), jax.jit(theta2, donate_argnums=0)
+    state = trainer.init(jax.random.PRNGKey(0), (12, 12, 1))
+    for seed in range(3):  # new data, new step counters and learning rates: no retrace
+        state, _ = j1(state, make_batch(seed))
+        state, _ = j2(state, make_batch(seed + 10))
+    assert int(state.step) == 3 and int(state.meta_step) == 3
+
+
+@pytest.mark.parametrize("batch, match", [
+    ({"image": jnp.zeros((8, 12, 12, 3)), "primary": jnp.zeros(8, jnp.int32)},
+     r"has shape \(8, 12, 12, 3\); expected \(batch, 12, 12, 1\)"),
+    ({"image": jnp.zeros((8, 12, 12)), "primary": jnp.zeros(8, jnp.int32)}, "expected"),
+    ({"image": jnp.zeros((8, 12, 12, 1), jnp.uint8), "primary": jnp.zeros(8, jnp.int32)},
+     "dtype uint8; expected float"),
+    ({"image": jnp.zeros((8, 12, 12, 1)), "primary": jnp.zeros(8)}, "expected integer labels"),
+    ({"image": jnp.zeros((8, 12, 12, 1)), "primary": jnp.zeros(7, jnp.int32)},
+     r"expected integer labels of shape \(8,\)"),
+    ({"image": jnp.zeros((8, 12, 12, 1))}, "missing 'primary'"),
+])
+def test_bad_batches_raise_a_clear_error(batch, match):
+    compiled = parallel.DataParallelSteps(tiny_trainer(), (12, 12, 1))
+    state = compiled.place_state(tiny_trainer().init(jax.random.PRNGKey(0), (12, 12, 1)))
+    with pytest.raises(ValueError, match=match):
+        compiled.theta1_step(state, batch)
+
+
+def test_human_and_random_batches_need_aux_labels():
+    trainer = tiny_trainer("random")
+    compiled = parallel.DataParallelSteps(trainer, (12, 12, 1))
+    state = compiled.place_state(trainer.init(jax.random.PRNGKey(0), (12, 12, 1)))
+    with pytest.raises(ValueError, match="missing 'aux'"):
+        compiled.theta1_step(state, make_batch(0))
+    state, metrics = compiled.theta1_step(state, make_batch(0, aux=True))
+    assert np.isfinite(float(metrics["auxiliary_loss"])) and float(metrics["auxiliary_loss"]) > 0
+
+
+def test_batch_size_check_names_the_fix():
+    parallel.check_batch_size(16, 8)
+    with pytest.raises(ValueError, match="batch size 100 is not divisible by the 8 devices"):
+        parallel.check_batch_size(100, 8)

@@ -1,0 +1,188 @@
+"""The training loop end to end: every method runs, learning happens on real data, a resumed run
+equals an uninterrupted one, and bad checkpoints, data or settings fail with a clear message."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import tiny
+from maxl_jax import data as data_lib
+from maxl_jax import train
+from maxl_jax.checkpoint import CheckpointError
+
+SHARED = data_lib.shared_data_dir()
+needs_fmnist = pytest.mark.skipif(
+    SHARED is None or not (SHARED / "fashion_mnist").is_dir(),
+    reason=f"real Fashion-MNIST not found: set {data_lib.SHARED_DATA_ENV} to the shared data folder "
+           f"(default ../shared/data beside the repository)")
+
+
+def tiny_config(**overrides):
+    c = tiny.get_config()
+    c.dataset = "cifar100"
+    c.primary_level = 20
+    c.data_dir = ""
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def run(config, workdir, **kw):
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        return train.train_and_evaluate(config, workdir, progress=False, log=lambda s: None, **kw)
+
+
+def flat_params(state):
+    leaves = jax.tree_util.tree_leaves((state.multitask_params, state.multitask_batch_stats,
+                                        state.generator_params, state.generator_batch_stats))
+    return np.concatenate([np.ravel(np.asarray(x)) for x in leaves])
+
+
+@pytest.fixture(scope="module")
+def maxl_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("maxl")
+    return workdir, run(tiny_config(method="maxl"), workdir)
+
+
+@pytest.mark.parametrize("method", ["single", "human", "random"])
+def test_one_epoch_of_each_baseline_runs_and_writes_its_outputs(method, tmp_path):
+    summary = run(tiny_config(method=method, epochs=1), tmp_path)
+    check_outputs(summary, tmp_path, epochs=1, meta=False)
+
+
+def test_maxl_runs_and_reports_the_meta_step(maxl_run):
+    workdir, summary = maxl_run
+    records = check_outputs(summary, workdir, epochs=2, meta=True)
+    t2 = records[-1]["theta2"]
+    for key in ("meta_loss", "primary_before", "primary_after", "grad_norm", "label_entropy"):
+        assert np.isfinite(t2[key]), key
+    usage = records[-1]["label_usage"]
+    assert len(usage["usage_entropy"]) == 20 and all(0 <= u <= 1 + 1e-6 for u in usage["usage_entropy"])
+    assert int(summary["state"].meta_step) == 2 * 3 and int(summary["state"].step) == 2 * 3
+
+
+def check_outputs(summary, workdir, epochs, meta):
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(epochs))
+    assert all(("theta2" in r) == meta for r in records)
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    saved = json.loads((workdir / "summary.json").read_text())
+    assert saved["final_test_accuracy"] == summary["final_test_accuracy"]
+    assert saved["best_test_accuracy"] == max(r["test"]["accuracy"] for r in records)
+    assert (workdir / "learning_curves.png").stat().st_size > 10_000
+    assert (workdir / "checkpoints").is_dir()
+    return records
+
+
+def test_a_resumed_run_ends_with_the_same_parameters(maxl_run, tmp_path, monkeypatch):
+    _, uninterrupted = maxl_run
+    original = train._Passes.__init__
+    calls = {"n": 0}
+
+    def interrupting_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        theta2 = self.theta2
+
+        def theta2_then_interrupt(*a):
+            calls["n"] += 1
+            if calls["n"] == 5:  # mid-way through pass B of the second epoch
+                raise KeyboardInterrupt("simulated kill")
+            return theta2(*a)
+
+        self.theta2 = theta2_then_interrupt
+
+    monkeypatch.setattr(train._Passes, "__init__", interrupting_init)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(method="maxl"), tmp_path)
+    monkeypatch.setattr(train._Passes, "__init__", original)
+    resumed = run(tiny_config(method="maxl"), tmp_path)
+    a, b = flat_params(resumed["state"]), flat_params(uninterrupted["state"])
+    assert np.max(np.abs(a - b)) <= 1e-6 * max(1.0, np.max(np.abs(b)))
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_kept(maxl_run, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(maxl_run[0], workdir)
+    before = snapshot(workdir / "checkpoints")
+    with pytest.raises(CheckpointError, match="different run.*method: checkpoint 'maxl' vs this run 'single'"):
+        run(tiny_config(method="single", epochs=3), workdir)
+    assert snapshot(workdir / "checkpoints") == before
+
+
+def test_a_corrupt_checkpoint_gives_a_clear_error_and_is_never_overwritten(maxl_run, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(maxl_run[0], workdir)
+    latest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
+                 key=lambda p: int(p.name))
+    for f in (latest / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    before = snapshot(workdir / "checkpoints")
+    with pytest.raises(CheckpointError, match=f"{latest}.*left untouched"):
+        run(tiny_config(method="maxl", epochs=3), workdir)
+    assert snapshot(workdir / "checkpoints") == before
+
+
+def snapshot(folder: pathlib.Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_missing_dataset_names_the_dataset_the_directory_and_the_fix(tmp_path):
+    with pytest.raises(data_lib.DatasetNotFoundError, match="cifar100") as e:
+        train.train_and_evaluate(tiny_config(data_dir=str(tmp_path)), tmp_path / "w", progress=False)
+    assert str(tmp_path) in str(e.value) and "tfds build" in str(e.value)
+
+
+@pytest.mark.parametrize("psi, match", [((5, 5), "psi has 2 entries but the primary task has 20"),
+                                        ((5,) * 19 + (0,), r"psi\[19\] = 0 is not positive")])
+def test_a_bad_psi_is_rejected_before_training(psi, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        run(tiny_config(psi=psi), tmp_path)
+
+
+def test_an_indivisible_batch_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.parallel, "make_mesh",
+                        lambda: train.parallel.Mesh(np.array(jax.devices() * 1), ("data",)))
+    monkeypatch.setattr(train.parallel.Mesh, "devices", property(lambda self: np.empty(3)),
+                        raising=False)
+    with pytest.raises(ValueError, match="batch size 16 is not divisible by the 3 devices"):
+        run(tiny_config(), tmp_path)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_quantity(tmp_path):
+    with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|primary_loss|auxiliary_loss|grad_norm|update_norm)=(nan|inf|-inf).* at theta1 step \d+ \(epoch 0\)"):
+        run(tiny_config(method="single", lr=1e30, epochs=1), tmp_path)
+
+
+@needs_fmnist
+def test_on_real_fashion_mnist_the_loss_falls_and_accuracy_beats_chance(tmp_path):
+    config = tiny.get_config()
+    config.dataset = "fashion_mnist"
+    config.primary_level = 0
+    config.data_dir = str(SHARED / "fashion_mnist")
+    config.method = "single"
+    config.train_fraction = 0.05        # 3,000 real images, 300 per class
+    config.width, config.batch_size, config.epochs = 8, 50, 3
+    config.max_steps_per_epoch, config.lr, config.eval_batch_size = 0, 0.05, 1000
+    summary = train.train_and_evaluate(config, tmp_path, progress=False, log=lambda s: None)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["theta1"]["primary_loss"] for r in records]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1 on the 10,000 real test images
+
+
+@pytest.mark.slow  # op-by-op execution takes about 90 s on 2 cores
+def test_noxla_runs_the_same_code_uncompiled(tmp_path):
+    config = tiny_config(method="single", epochs=1, max_steps_per_epoch=1)
+    compiled = run(config, tmp_path / "xla")
+    eager = run(config, tmp_path / "noxla", xla=False)
+    np.testing.assert_allclose(flat_params(eager["state"]), flat_params(compiled["state"]),
+                               rtol=1e-4, atol=1e-5)
