@@ -86,7 +86,7 @@ def _pool_after() -> set[int]:
     return set(np.cumsum(CONVS_PER_BLOCK) - 1)
 
 
-def _init_net(heads: Mapping[str, int], filters, init_, gen: torch.Generator, device, dtype):
+def _init_net(heads: Mapping[str, int], filters, width, init_, gen: torch.Generator, device, dtype):
     def w(*shape):
         t = torch.empty(*shape, dtype=dtype)
         init_(t, generator=gen)
@@ -100,9 +100,8 @@ def _init_net(heads: Mapping[str, int], filters, init_, gen: torch.Generator, de
         p[f"backbone/bn_{i}/bias"] = torch.zeros(cout, dtype=dtype)
         s[f"backbone/bn_{i}/mean"] = torch.zeros(cout, dtype=dtype)
         s[f"backbone/bn_{i}/var"] = torch.ones(cout, dtype=dtype)
-    width = filters[-1]
     for head, k in heads.items():
-        p[f"{head}/hidden/kernel"] = w(width, width)
+        p[f"{head}/hidden/kernel"] = w(width, filters[-1])
         p[f"{head}/hidden/bias"] = torch.zeros(width, dtype=dtype)
         p[f"{head}/out/kernel"] = w(k, width)
         p[f"{head}/out/bias"] = torch.zeros(k, dtype=dtype)
@@ -111,20 +110,20 @@ def _init_net(heads: Mapping[str, int], filters, init_, gen: torch.Generator, de
     return p, s
 
 
-def build(psi: Sequence[int], device="cpu", *, filters: Sequence[int] = FILTERS, seed: int = 0,
-          dtype=torch.float32):
+def build(psi: Sequence[int], device="cpu", *, filters: Sequence[int] = FILTERS,
+          head_width: int = 512, seed: int = 0, dtype=torch.float32):
     """Randomly initialised ``(fparams, fstats, gparams, gstats)`` as in the reference.
 
     f: Xavier-uniform conv / dense weights; g: Xavier-normal; biases 0, BN scale 1 / bias 0, running
-    mean 0 / var 1. ``filters`` shrinks the VGG widths (tests); the heads' hidden width is
-    ``filters[-1]`` (512 at full size). For identical weights to a Flax model use
-    :func:`flax_to_torch` instead.
+    mean 0 / var 1. ``filters`` shrinks the VGG widths and ``head_width`` the heads' hidden layer
+    (tests). For weights identical to a Flax model's use :func:`flax_to_torch` instead.
     """
     gen = torch.Generator().manual_seed(seed)
+    init = torch.nn.init
     fparams, fstats = _init_net({"primary_head": len(psi), "auxiliary_head": int(sum(psi))},
-                                filters, torch.nn.init.xavier_uniform_, gen, device, dtype)
+                                filters, head_width, init.xavier_uniform_, gen, device, dtype)
     gparams, gstats = _init_net({"head": int(sum(psi))},
-                                filters, torch.nn.init.xavier_normal_, gen, device, dtype)
+                                filters, head_width, init.xavier_normal_, gen, device, dtype)
     return fparams, fstats, gparams, gstats
 
 
@@ -263,7 +262,8 @@ def _one_hot(y: torch.Tensor, k: int, dtype) -> torch.Tensor:
 def _sgd(params: Params, grads: Sequence[torch.Tensor], lr: float, wd: float = 0.0) -> Params:
     """New leaf tensors ``p - lr * (g + wd * p)``."""
     with torch.no_grad():
-        return {k: (p - lr * (g + wd * p)).requires_grad_() for (k, p), g in zip(params.items(), grads)}
+        return {k: (p - lr * (g + wd * p)).requires_grad_()
+                for (k, p), g in zip(params.items(), grads)}
 
 
 # ----------------------------------------------------------------------------------------------

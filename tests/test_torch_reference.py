@@ -15,7 +15,7 @@ TINY = (4, 4, 4, 4, 4)
 @pytest.fixture(scope="module")
 def tiny64():
     """float64 tiny nets, a batch of 4 images 32x32, labels covering both primary classes."""
-    fp, fs, gp, gs = tr.build(PSI, filters=TINY, seed=0, dtype=torch.float64)
+    fp, fs, gp, gs = tr.build(PSI, filters=TINY, head_width=6, seed=0, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64)
     y = torch.tensor([0, 1, 1, 0])

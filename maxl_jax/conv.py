@@ -1,0 +1,170 @@
+"""3x3 SAME (stride 1, padding 1) convolution that avoids XLA:CPU's slow convolution cases.
+
+XLA:CPU's convolution is pathologically slow for some of CIFAR VGG-16's layers: the 2x2x512
+layers of the last block (forward *and* gradients), the kernel gradient of the 32x32x64 layer, and
+the second derivatives of every layer (see ``docs/perf-notes.md``, ``benchmarks/conv_layers.py``).
+The same function written with matrix products instead runs at matmul speed, and, being made of
+pads, slices, concatenations and dots only, it stays matmul-only in every derivative order (MAXL differentiates through a gradient
+step, so second derivatives of the convolution are on its hot path).
+
+Implementations (all compute exactly ``lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)))``
+in NHWC / HWIO, up to float rounding):
+
+* ``"xla"``: ``lax.conv_general_dilated``.
+* ``"shifted_matmul"``: zero-pad the input by 1, then sum nine matrix products, one per kernel tap
+  ``(dy, dx)``: ``y = sum_{dy,dx} xpad[:, dy:dy+H, dx:dx+W, :] @ k[dy, dx]``.
+* ``"patches"``: im2col: concatenate the nine shifted views along channels, ``(N*H*W, 9*Cin)``,
+  and multiply once by the kernel reshaped to ``(9*Cin, Cout)``.
+* ``"auto"``: ``"xla"`` on accelerators (``jax.default_backend() != "cpu"`` at trace time);
+  ``"patches"`` for every layer on the CPU (:func:`select_impl`).
+
+Why ``"patches"`` everywhere on the CPU: MAXL's time goes to differentiated convolutions (each
+theta1 step is a forward + backward, each theta2 step adds second derivatives). For forward +
+backward ``"patches"`` is the fastest form or within about 20% of the fastest (16x16x128) on every
+layer, and for second derivatives it is about 3x faster than XLA on every layer ("2nd order":
+gradient w.r.t. input and kernel of a loss taken at ``kernel - lr * dL/dkernel``, as in MAXL's meta
+step). Measured with ``python -m benchmarks.conv_layers --second-order`` (batch 100, 2-core CPU shared with other jobs,
+jax 0.10.2, ms, median of 3; trust the ratios, not the absolute numbers):
+
+=================  =====================  =====================  ========================
+layer (x count)    forward                forward + backward     2nd order (meta step)
+                   xla / shifted / patch  xla / shifted / patch  xla / shifted / patch
+=================  =====================  =====================  ========================
+32x32, 3->64 x1      19 /  176 /  50        77 /  238 /   54       235 /  404 /  140
+32x32, 64->64 x1    208 /  455 / 521      2096 /  952 /  941      8772 / 2417 / 2092
+16x16, 64->128 x1    55 /  105 / 112       211 /  186 /  159      1289 /  410 /  381
+16x16, 128->128 x1   87 /  150 / 267       302 /  293 /  377      2549 /  851 /  857
+8x8, 128->256 x1     42 /   62 /  71       124 /  136 /  130      1021 /  341 /  319
+8x8, 256->256 x2    142 /  158 / 227       449 /  442 /  450      3723 / 1203 / 1223
+4x4, 256->512 x1    119 /  100 / 136       368 /  294 /  294      2772 /  976 /  916
+4x4, 512->512 x2    200 /  196 / 185       557 /  482 /  512      4907 / 1650 / 1509
+2x2, 512->512 x3   4078 /   47 /  56      8060 /  137 /  130     16003 /  533 /  326
+VGG-16 (13 convs)  13448 / 1895 / 2150   29371 / 4358 / 4271     81906 / 12703 / 11145
+=================  =====================  =====================  ========================
+
+XLA:CPU's convolution is pathological at 2x2 (forward and both gradients), in the kernel gradient at
+32x32x64, and in every second derivative (3x slower than "patches" at every layer). Its forward
+alone is 1.5-3x faster than "patches" at 8x8..32x32; pass ``impl="xla"`` explicitly for
+forward-only (evaluation) use on the CPU if that matters: parameters are identical for all impls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+IMPLS = ("xla", "shifted_matmul", "patches", "auto")
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def select_impl(x_shape, kernel_shape, backend: str | None = None) -> str:
+    """The implementation ``impl="auto"`` uses for an NHWC input / HWIO kernel of these shapes.
+
+    ``"xla"`` unless the backend (default ``jax.default_backend()``) is the CPU, where it is
+    ``"patches"`` for every shape (see the module docstring for the measurements).
+    """
+    del x_shape, kernel_shape  # one form wins (or nearly) on every VGG-16 layer shape
+    backend = jax.default_backend() if backend is None else backend
+    return "patches" if backend == "cpu" else "xla"
+
+
+def _pad1(x):
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _conv_xla(x, kernel, precision):
+    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                    dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+
+
+def _matmul(a, b, precision):
+    """(N, H, W, C) @ (C, O) -> (N, H, W, O) as one 2-D matrix product."""
+    n, h, w, c = a.shape
+    y = jnp.matmul(a.reshape(n * h * w, c), b, precision=precision)
+    return y.reshape(n, h, w, b.shape[-1])
+
+
+def _conv_shifted_matmul(x, kernel, precision):
+    _, h, w, _ = x.shape
+    xp = _pad1(x)
+    y = None
+    for dy in range(3):
+        for dx in range(3):
+            t = _matmul(xp[:, dy:dy + h, dx:dx + w, :], kernel[dy, dx], precision)
+            y = t if y is None else y + t
+    return y
+
+
+def _conv_patches(x, kernel, precision):
+    _, h, w, cin = x.shape
+    xp = _pad1(x)
+    # channel index of the patch = (dy * 3 + dx) * Cin + c, the row-major order of HWIO's (3,3,Cin)
+    cols = jnp.concatenate([xp[:, dy:dy + h, dx:dx + w, :] for dy in range(3) for dx in range(3)],
+                           axis=-1)
+    return _matmul(cols, kernel.reshape(9 * cin, kernel.shape[-1]), precision)
+
+
+_FNS = {"xla": _conv_xla, "shifted_matmul": _conv_shifted_matmul, "patches": _conv_patches}
+
+
+def conv3x3(x, kernel, bias=None, *, impl: str = "auto", precision=None) -> jax.Array:
+    """3x3 convolution, stride 1, zero padding 1 (SAME), NHWC input, HWIO kernel.
+
+    Args:
+      x: ``(N, H, W, Cin)`` floating-point input.
+      kernel: ``(3, 3, Cin, Cout)`` (the layout of ``flax.linen.Conv``'s ``kernel``).
+      bias: optional ``(Cout,)``, added to the output.
+      impl: ``"xla"``, ``"shifted_matmul"``, ``"patches"`` or ``"auto"`` (module docstring).
+      precision: passed to the convolution / matrix products (``lax.Precision``), as in ``nn.Conv``.
+
+    Returns:
+      ``(N, H, W, Cout)``; inputs of different dtypes are promoted to their common dtype.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be NHWC (4-D), got shape {x.shape}")
+    if kernel.shape[:2] != (3, 3) or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"kernel must be (3, 3, {x.shape[-1]}, Cout), got {kernel.shape}")
+    dtype = jnp.result_type(x, kernel) if bias is None else jnp.result_type(x, kernel, bias)
+    x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+    if impl == "auto":
+        impl = select_impl(x.shape, kernel.shape)
+    y = _FNS[impl](x, kernel, precision)
+    if bias is not None:
+        y = y + jnp.asarray(bias, dtype)
+    return y
+
+
+class Conv3x3(nn.Module):
+    """Drop-in replacement for ``nn.Conv(features, (3, 3), padding=1)`` using :func:`conv3x3`.
+
+    Parameters are named and shaped exactly like ``nn.Conv``'s (``kernel`` ``(3, 3, Cin,
+    features)``, ``bias`` ``(features,)``), so parameter trees and checkpoints interchange.
+    Input: ``(N, H, W, Cin)`` (exactly one batch axis).
+    """
+
+    features: int
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    use_bias: bool = True
+    impl: str = "auto"
+    dtype: Any = None  # computation dtype (None: promote inputs and params, like nn.Conv)
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv3x3(x, kernel, bias, impl=self.impl, precision=self.precision)
