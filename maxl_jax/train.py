@@ -92,7 +92,7 @@ def run_identity(config, psi) -> dict:
 class _Passes:
     """The compiled per-batch functions of one run (gather by index, augment, step)."""
 
-    def __init__(self, trainer: steps.Maxl, mesh, augment: bool, batch_size: int):
+    def __init__(self, trainer: steps.Maxl, mesh, augment: bool):
         self.trainer = trainer
         self.mesh = mesh
         rep = parallel.replicated(mesh)
@@ -235,7 +235,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log) -> dict:
     }, rep)
     eval_idx = np.arange(n_eval_batches * eval_bs, dtype=np.int32).reshape(n_eval_batches, eval_bs)
 
-    passes = _Passes(trainer, mesh, config.augment, config.batch_size)
+    passes = _Passes(trainer, mesh, config.augment)
     state = jax.jit(trainer.init, static_argnums=1, out_shardings=rep)(
         jax.random.PRNGKey(config.seed), tuple(dataset.image_shape))
     ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, psi), config.keep_checkpoints)

@@ -1,0 +1,213 @@
+"""MAXL against single-task, random and human auxiliary tasks on real Fashion-MNIST, with seeds.
+
+    python -m experiments.study --protocol=fmnist_coarse_low --seeds=0,1,2 --workdir=runs/study
+
+Runs every method of the protocol for every seed (each in ``<workdir>/<protocol>/<variant>/seed<n>``;
+finished runs are skipped, interrupted ones resume), then writes ``<out>/<protocol>.json`` (every
+run's summary), ``<out>/<protocol>.md`` (the table), ``<out>/<protocol>_curves.png`` (mean test
+accuracy per epoch, +-1 std over seeds) and, for the first MAXL variant, ``<out>/<protocol>_labels.png``
+(what the generator learned on the test set).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from experiments.configs import cpu
+from maxl_jax import data as data_lib
+from maxl_jax import maxl, train
+
+# variant name -> (method, psi or None for the dataset's own / aux_per_class default)
+PROTOCOLS = {
+    "fmnist_coarse": dict(dataset="fashion_mnist_coarse", train_fraction=1.0, variants={
+        "single": ("single", None), "random": ("random", (4, 1, 1, 3, 1)),
+        "human": ("human", None), "maxl_psi_human": ("maxl", (4, 1, 1, 3, 1)),
+        "maxl_psi_5": ("maxl", (5,) * 5)}),
+    "fmnist10": dict(dataset="fashion_mnist", train_fraction=1.0, variants={
+        "single": ("single", None), "random": ("random", (5,) * 10),
+        "maxl_psi_5": ("maxl", (5,) * 10)}),
+}
+for _name in list(PROTOCOLS):
+    PROTOCOLS[_name + "_low"] = {**PROTOCOLS[_name], "train_fraction": 0.05}
+
+_PROTOCOL = flags.DEFINE_enum("protocol", "fmnist_coarse_low", sorted(PROTOCOLS), "Protocol.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/study", "Where the runs go.")
+_OUT = flags.DEFINE_string("out", "docs/results", "Where the tables, JSON and plots go.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "../shared/data/fashion_mnist",
+                                "Folder with the Fashion-MNIST IDX archives (or a TFDS data_dir).")
+_EPOCHS = flags.DEFINE_integer("epochs", 0, "Epochs (0: the protocol's default, see study_config).")
+_WIDTH = flags.DEFINE_integer("width", 16, "Small CNN first-block filters.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these variants (default: all).")
+
+
+def study_config(protocol: str, variant: str, seed: int, data_dir: str, epochs: int = 0,
+                 width: int = 16):
+    """The config of one run: ``experiments/configs/cpu.py`` with the protocol's data and method."""
+    spec = PROTOCOLS[protocol]
+    method, psi = spec["variants"][variant]
+    c = cpu.get_config()
+    c.dataset, c.train_fraction, c.data_dir = spec["dataset"], spec["train_fraction"], data_dir
+    c.method, c.seed, c.width = method, seed, width
+    c.psi = psi or ()
+    # Budget for 2 CPU cores: 15 epochs x 30 batches for the 5% protocols, 3 x 600 for full data.
+    c.epochs = epochs or (15 if spec["train_fraction"] < 1 else 3)
+    c.last_k = max(1, c.epochs // 5)
+    c.eval_batch_size = 1000
+    return c
+
+
+def run_protocol(protocol: str, seeds, workdir: pathlib.Path, data_dir: str, epochs: int,
+                 width: int, only=()) -> dict:
+    """Runs (or reuses) every variant x seed; returns {variant: [summary per seed]}."""
+    results = {}
+    for variant in PROTOCOLS[protocol]["variants"]:
+        if only and variant not in only:
+            continue
+        for seed in seeds:
+            run_dir = workdir / protocol / variant / f"seed{seed}"
+            done = run_dir / "summary.json"
+            config = study_config(protocol, variant, seed, data_dir, epochs, width)
+            if done.exists():
+                summary = json.loads(done.read_text())
+            else:
+                print(f"== {protocol} / {variant} / seed {seed}", flush=True)
+                summary = train.train_and_evaluate(config, run_dir, progress=False)
+                state = summary.pop("state")
+                if config.method == "maxl" and seed == seeds[0]:
+                    np.savez(run_dir / "test_labels.npz", **generated_test_labels(config, state))
+            summary["records"] = [json.loads(l) for l in
+                                  (run_dir / "metrics.jsonl").read_text().splitlines()]
+            results.setdefault(variant, []).append(summary)
+    return results
+
+
+def generated_test_labels(config, state) -> dict:
+    """The generator's soft labels on the test set (eval mode), with images and primary labels."""
+    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                                    train_fraction=config.train_fraction, seed=config.seed)
+    trainer = train.build_trainer(config, dataset, steps_per_epoch=1)
+    images = data_lib.normalize(dataset.test.images)
+    labels = jax.jit(lambda v, x, y: maxl.generate_labels(trainer.generator, v, x, y, trainer.psi,
+                                                          train=False)[0])
+    soft = np.concatenate([np.asarray(labels(state.generator_variables, images[i:i + 1000],
+                                             dataset.test.primary[i:i + 1000]))
+                           for i in range(0, len(images), 1000)])
+    return {"soft": soft, "primary": dataset.test.primary, "images": dataset.test.images,
+            "psi": np.asarray(trainer.psi), "primary_names": np.asarray(dataset.primary_names)}
+
+
+def table(protocol: str, results: dict) -> str:
+    """Markdown: mean +- std over seeds of final, best and last-k-mean test accuracy."""
+    spec = PROTOCOLS[protocol]
+    any_summary = next(iter(results.values()))[0]
+    lines = [f"### {protocol}: {spec['dataset']}, {spec['train_fraction']:.0%} of the training set, "
+             f"{any_summary['epochs']} epochs, seeds {[r['seed'] for r in next(iter(results.values()))]}",
+             "",
+             f"| variant | final test acc. | best test acc. | mean of last {any_summary['last_k']} | wall time / run |",
+             "| --- | --- | --- | --- | --- |"]
+    for variant, runs in results.items():
+        def stat(key):
+            v = 100 * np.array([r[key] for r in runs])
+            return f"{v.mean():.2f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+        wall = np.mean([r["wall_time_s"] for r in runs])
+        lines.append(f"| {variant} | {stat('final_test_accuracy')} | {stat('best_test_accuracy')} "
+                     f"| {stat('last_k_mean_test_accuracy')} | {wall:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(protocol: str, results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, runs in results.items():
+        acc = 100 * np.array([r["test_accuracy"] for r in runs])
+        x = np.arange(1, acc.shape[1] + 1)
+        ax.plot(x, acc.mean(0), label=variant)
+        ax.fill_between(x, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{protocol}: mean +- std over seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class: int = 6) -> None:
+    """Per primary class: effective number of auxiliary classes used and mean label entropy; and a
+    grid of test images for each generated auxiliary class (rows), most confident first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = np.load(npz_path)
+    soft, primary, images, psi = d["soft"], d["primary"], d["images"], d["psi"]
+    names = [str(n) for n in d["primary_names"]]
+    starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
+    assigned = soft.argmax(1)
+    eff, ent = [], []
+    for c, (s, n) in enumerate(zip(starts, psi)):
+        block = soft[primary == c][:, s:s + n]
+        usage = block.mean(0) / block.mean(0).sum()
+        eff.append(float(np.exp(-(usage * np.log(np.maximum(usage, 1e-30))).sum())))
+        ent.append(float(-(block * np.log(np.maximum(block, 1e-30))).sum(1).mean()))
+    k = int(psi.sum())
+    fig = plt.figure(figsize=(4 + per_class * 0.9, 3 + k * 0.9))
+    grid = fig.add_gridspec(k + 3, per_class + 1)
+    ax = fig.add_subplot(grid[:3, :])
+    xs = np.arange(len(psi))
+    ax.bar(xs - 0.2, eff, 0.4, label="effective aux classes used")
+    ax.bar(xs + 0.2, ent, 0.4, label="mean label entropy (nats)")
+    ax.plot(xs, psi, "k_", markersize=20, label="psi (aux classes available)")
+    ax.set_xticks(xs, names, fontsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title("What the generator learned (test set)")
+    for j in range(k):
+        owner = int(np.searchsorted(starts, j, side="right") - 1)
+        idx = np.where((assigned == j) & (primary == owner))[0]
+        idx = idx[np.argsort(-soft[idx, j])][:per_class]
+        lab = fig.add_subplot(grid[3 + j, 0])
+        lab.axis("off")
+        lab.text(0, 0.5, f"aux {j}\n({names[owner][:10]}, n={int(((assigned == j) & (primary == owner)).sum())})",
+                 fontsize=7, va="center")
+        for i in range(per_class):
+            a = fig.add_subplot(grid[3 + j, 1 + i])
+            a.axis("off")
+            if i < len(idx):
+                a.imshow(images[idx[i]].squeeze(), cmap="gray")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    protocol = _PROTOCOL.value
+    seeds = [int(s) for s in _SEEDS.value]
+    workdir = pathlib.Path(_WORKDIR.value).absolute()
+    out = pathlib.Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_protocol(protocol, seeds, workdir, _DATA_DIR.value, _EPOCHS.value, _WIDTH.value,
+                           _ONLY.value)
+    md = table(protocol, results)
+    print(md)
+    (out / f"{protocol}.md").write_text(md)
+    slim = {v: [{k: x for k, x in r.items() if k != "records"} for r in runs]
+            for v, runs in results.items()}
+    (out / f"{protocol}.json").write_text(json.dumps(slim, indent=1))
+    plot_curves(protocol, results, out / f"{protocol}_curves.png")
+    for variant, (method, _) in PROTOCOLS[protocol]["variants"].items():
+        npz = workdir / protocol / variant / f"seed{seeds[0]}" / "test_labels.npz"
+        if method == "maxl" and npz.exists():
+            plot_generated_labels(npz, out / f"{protocol}_{variant}_labels.png")
+
+
+if __name__ == "__main__":
+    app.run(main)
