@@ -598,7 +598,8 @@ def augment(key: jax.Array, images_uint8: jax.Array, *, pad: int = 4, flip: bool
     k_crop, k_flip = jax.random.split(key)
     if pad > 0:
         padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
+        # Drawn flat: XLA:CPU compiles threefry for N-d shapes far more slowly (see models.xavier).
+        offsets = jax.random.randint(k_crop, (2 * b,), 0, 2 * pad + 1).reshape(b, 2)
 
         def crop(img, off):
             return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))

@@ -16,6 +16,7 @@ BatchNorm scale 1 and bias 0.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -26,9 +27,35 @@ from maxl_jax.conv import Conv3x3
 
 Initializer = Callable[..., jax.Array]
 
-# Reference initialisers (PyTorch xavier_uniform_ / xavier_normal_, the latter a plain normal).
-XAVIER_UNIFORM = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
-XAVIER_NORMAL = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+def xavier(distribution: str) -> Initializer:
+    """PyTorch's ``xavier_uniform_`` / ``xavier_normal_`` (a plain, untruncated normal).
+
+    ``std = sqrt(2 / (fan_in + fan_out))`` with fans counting the receptive field (HWIO kernels,
+    ``(in, out)`` dense kernels). The numbers are drawn as a flat vector and reshaped: with jax's
+    default ``jax_threefry_partitionable``, XLA:CPU compiles threefry for an N-d shape about 10x
+    slower than for a 1-d one (8.2 s vs 0.8 s for a 3x3x4x8 kernel on 2 cores, jax 0.10.2).
+    """
+    if distribution not in ("uniform", "normal"):
+        raise ValueError(f"distribution must be 'uniform' or 'normal', got {distribution!r}")
+
+    def init(key, shape, dtype=jnp.float32):
+        receptive = math.prod(shape[:-2])
+        std = math.sqrt(2.0 / (shape[-2] * receptive + shape[-1] * receptive))
+        n = math.prod(shape)
+        if distribution == "uniform":
+            bound = math.sqrt(3.0) * std
+            flat = jax.random.uniform(key, (n,), dtype, -bound, bound)
+        else:
+            flat = jax.random.normal(key, (n,), dtype) * std
+        return flat.reshape(shape)
+
+    return init
+
+
+# Reference initialisers: Xavier-uniform in f, Xavier-normal in g.
+XAVIER_UNIFORM = xavier("uniform")
+XAVIER_NORMAL = xavier("normal")
 
 VGG16_FILTERS = (64, 128, 256, 512, 512)
 VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)

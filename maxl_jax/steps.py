@@ -97,7 +97,13 @@ class Maxl:
 
     # ------------------------------------------------------------------ init
     def init(self, rng: jax.Array, image_shape: Sequence[int]) -> TrainState:
-        """A fresh state for images of shape ``(H, W, C)``, from the key ``rng``."""
+        """A fresh state for images of shape ``(H, W, C)``, from the key ``rng``.
+
+        Compiled as one XLA program (op-by-op initialisation compiles every small op separately).
+        """
+        return jax.jit(self._init, static_argnums=1)(rng, tuple(image_shape))
+
+    def _init(self, rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
         f_key, g_key, run_key = jax.random.split(rng, 3)
         dummy = jnp.zeros((2, *image_shape), jnp.float32)
         f_vars = self.multitask.init(f_key, dummy, False)

@@ -236,8 +236,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log) -> dict:
     eval_idx = np.arange(n_eval_batches * eval_bs, dtype=np.int32).reshape(n_eval_batches, eval_bs)
 
     passes = _Passes(trainer, mesh, config.augment)
-    state = jax.jit(trainer.init, static_argnums=1, out_shardings=rep)(
-        jax.random.PRNGKey(config.seed), tuple(dataset.image_shape))
+    state = jax.device_put(trainer.init(jax.random.PRNGKey(config.seed), dataset.image_shape), rep)
     ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, psi), config.keep_checkpoints)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)

@@ -32,9 +32,9 @@ def main():
     f_opt, g_opt, inner = steps.reference_optimizers(10)
     trainer = steps.Maxl(mt, gen, PSI, "maxl", f_opt, g_opt, inner_lr=inner)
     state0 = trainer.init(jax.random.PRNGKey(0), (16, 16, 3))
-    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-    batch = {"image": jax.random.normal(k1, (32, 16, 16, 3)),
-             "primary": jax.random.randint(k2, (32,), 0, len(PSI))}
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.normal(size=(32, 16, 16, 3)), jnp.float32),
+             "primary": jnp.asarray(rng.integers(0, len(PSI), 32), jnp.int32)}
 
     def run(step_set):
         # A copy: the compiled steps donate their state argument.

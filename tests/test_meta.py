@@ -20,11 +20,12 @@ INNER_OPTIMIZERS = {
 
 def tiny_problem():
     """params: a 2-layer tanh MLP; hyper: soft targets (B, K) as MAXL's generated labels."""
-    k = jax.random.split(jax.random.PRNGKey(0), 5)
-    params = {"w1": jax.random.normal(k[0], (4, 6)), "w2": jax.random.normal(k[1], (6, 3)) * 0.5}
-    x = jax.random.normal(k[2], (8, 4))
-    y = jax.random.randint(k[3], (8,), 0, 3)
-    hyper = jax.nn.softmax(jax.random.normal(k[4], (8, 3)))
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    params = {"w1": normal(4, 6), "w2": normal(6, 3) * 0.5}
+    x = normal(8, 4)
+    y = jnp.asarray(rng.integers(0, 3, 8))
+    hyper = jax.nn.softmax(normal(8, 3))
 
     def logits(p):
         return jnp.tanh(x @ p["w1"]) @ p["w2"]

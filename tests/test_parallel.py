@@ -56,9 +56,9 @@ def tiny_trainer(method="maxl"):
 
 
 def make_batch(seed, n=8, aux=False):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    batch = {"image": jax.random.normal(k1, (n, 12, 12, 1)),
-             "primary": jax.random.randint(k2, (n,), 0, 2)}
+    rng = np.random.default_rng(seed)
+    batch = {"image": jnp.asarray(rng.normal(size=(n, 12, 12, 1)), jnp.float32),
+             "primary": jnp.asarray(rng.integers(0, 2, n), jnp.int32)}
     if aux:
         batch["aux"] = batch["primary"] * 2
     return batch
