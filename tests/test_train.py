@@ -186,3 +186,20 @@ def test_noxla_runs_the_same_code_uncompiled(tmp_path):
     eager = run(config, tmp_path / "noxla", xla=False)
     np.testing.assert_allclose(flat_params(eager["state"]), flat_params(compiled["state"]),
                                rtol=1e-4, atol=1e-5)
+
+
+@needs_fmnist
+def test_the_command_line_entry_point_trains_and_reports(tmp_path):
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.cifar", "--xla", "--noprogress",
+         "--config=experiments/configs/tiny.py", "--method=random",
+         f"--config.data_dir={SHARED / 'fashion_mnist'}", "--config.epochs=1",
+         f"--workdir={tmp_path}"],
+        cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "epoch    1/1" in out.stdout and "final test accuracy" in out.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "random" and summary["dataset"] == "fashion_mnist_coarse"
