@@ -62,7 +62,8 @@ def main():
 
     # The bare meta-gradient too, on 8 devices via shard_map.
     f_vars, g_vars = state0.multitask_variables, state0.generator_variables
-    mg1 = maxl.meta_gradient(mt, gen, f_vars, g_vars, batch["image"], batch["primary"], PSI).grad
+    mg1 = jax.jit(lambda x, y: maxl.meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI).grad)(
+        batch["image"], batch["primary"])
     mg8 = jax.jit(jax.shard_map(
         lambda x, y: maxl.meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI,
                                         axis_name=parallel.DATA_AXIS).grad,
