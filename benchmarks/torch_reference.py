@@ -183,9 +183,23 @@ def images_from_nhwc(x, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Forward passes
 # ----------------------------------------------------------------------------------------------
+# Backbone layouts, told apart by their number of convolutions: (convs per block, global average
+# pooling instead of flatten). 13: the reference CIFAR VGG-16-BN; 3: maxl_jax's small CPU network
+# (``models.make_backbone("small")``; only through :func:`flax_to_torch`, for the step benchmark).
+LAYOUTS = {sum(CONVS_PER_BLOCK): (CONVS_PER_BLOCK, False), 3: ((1, 1, 1), True)}
+
+
+def _layout(p: Params):
+    n = sum(1 for k in p if k.startswith("backbone/conv_") and k.endswith("/kernel"))
+    if n not in LAYOUTS:
+        raise ValueError(f"no backbone layout with {n} convolutions; known: {sorted(LAYOUTS)}")
+    convs_per_block, global_pool = LAYOUTS[n]
+    return n, set(np.cumsum(convs_per_block) - 1), global_pool
+
+
 def _backbone(p: Params, stats: Params | None, x: torch.Tensor, train: bool) -> torch.Tensor:
-    pools = _pool_after()
-    for i in range(sum(CONVS_PER_BLOCK)):
+    n_convs, pools, global_pool = _layout(p)
+    for i in range(n_convs):
         x = F.conv2d(x, p[f"backbone/conv_{i}/kernel"], p[f"backbone/conv_{i}/bias"], padding=1)
         if train and stats is None:  # batch statistics, nothing updated
             mean = var = None
@@ -196,7 +210,7 @@ def _backbone(p: Params, stats: Params | None, x: torch.Tensor, train: bool) -> 
         x = F.relu(x)
         if i in pools:
             x = F.max_pool2d(x, kernel_size=2, stride=2)
-    return x.flatten(1)
+    return x.mean((2, 3)) if global_pool else x.flatten(1)
 
 
 def _head(p: Params, name: str, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,506 @@
+"""Time MAXL's two training steps, JAX against the PyTorch reference port, in one process.
+
+    python -m benchmarks.steps [--model vgg16|small|both] [--batch 100] [--repeats 2]
+                               [--conv-impl auto[,xla,...]] [--forms reverse,forward_over_reverse]
+                               [--torch | --notorch] [--torch-threads N[,M]] [--no-original-cost]
+                               [--profile DIR]
+
+Rows, for each model (same weights, same random batch of 32x32x3 images, CIFAR-100's psi = [5]*20):
+
+* JAX theta1 step (``steps.Maxl.theta1_step``) and theta2 step (``steps.Maxl.theta2_step``) for each
+  meta-gradient form and each ``--conv-impl``, compiled ahead of time (``jax.jit(...).lower().compile()``),
+  timed with ``jax.block_until_ready``;
+* PyTorch (``benchmarks/torch_reference.py``): theta1 step; theta1 "as the reference runs it" (its two
+  extra diagnostic backward passes for the gradient cosine similarity, and its backward also running
+  into g's parameters); theta2 step; theta2 as the reference runs it (its ``.backward()`` also
+  computes gradients of f's parameters, then discarded). ``torch.set_num_threads`` = the cores this
+  process may use (``--torch-threads`` to change).
+
+Every step is run once (warm-up; for JAX after compiling), then ``--repeats`` times; the table shows the
+median. Columns:
+
+* ms/step, images/s (batch / median time);
+* speed ratio: PyTorch time of the same step / JAX time (> 1: JAX faster); theta1 rows against the
+  PyTorch theta1 step without diagnostics, theta2 rows against the PyTorch theta2 step, each at the
+  fastest of the ``--torch-threads`` counts timed (on a shared 2-core machine two OpenMP threads can
+  be far slower than one);
+* compile s: JAX ``lower()`` + ``compile()`` wall time;
+* memory: on the CPU, host RSS growth during the first (warm-up) run, sampled every millisecond by a
+  thread (JAX and PyTorch alike), and for JAX also XLA's buffer sizes from ``compiled.memory_analysis()``
+  (arguments + outputs + temporaries); on a GPU, peak device memory (``jax`` ``memory_stats`` /
+  ``torch.cuda.max_memory_allocated``);
+* GFLOP: XLA's cost analysis of the compiled JAX step (``compiled.cost_analysis()['flops']``). PyTorch
+  rows use the count of the JAX step that does the same useful work (theta1, theta2 'reverse'): the
+  reference's extra diagnostic / discarded work is not counted as useful;
+* % of peak: achieved FLOP rate / the device's peak. On the CPU the peak is *measured in the same run*
+  as the median rate of a large float32 matrix product (``--peak-matmul N``, JAX); on a GPU the dense
+  spec-sheet peak for float32 matmuls at XLA's default precision (TF32 on H100/H200/A100) when the
+  device is known, else the measured matmul (``--peak-tflops`` overrides).
+
+``--profile DIR`` adds, per JAX step, the time of one traced call summed by XLA op kind (``ynn_fusion``:
+XLA:CPU's matrix products; ``concatenate`` / ``pad_slice_fusion``: the im2col copies of the "patches"
+convolution; ...).
+
+A second table projects one reference epoch (50000 / batch theta1 steps + as many theta2 steps: 500 + 500
+at batch 100) and the full 200-epoch run, next to the reference's reported ~30 hours on a GTX 1080.
+The machine may be shared: the load average is printed before and after; rerun if it moved a lot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxl_jax import models, steps
+
+PSI = [5] * 20  # CIFAR-100: 20 superclasses x 5 auxiliary classes
+TRAIN_EXAMPLES = 50_000
+EPOCHS = 200
+REFERENCE_HOURS = 30.0  # MAXL on a GTX 1080, as reported by the reference's authors
+FORMS = ("reverse", "forward_over_reverse")
+# Dense spec-sheet peaks (FLOP/s) of float32 matmuls at XLA's default precision (TF32 tensor cores).
+GPU_PEAKS = {"H100 PCIe": (378e12, "TF32 dense"), "H100": (494.7e12, "TF32 dense (SXM)"),
+             "H200": (494.7e12, "TF32 dense"), "A100": (156e12, "TF32 dense")}
+
+
+# --------------------------------------------------------------------------------------- helpers
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def num_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """Context manager: peak resident set size growth (bytes) while the block runs, sampled by a
+    thread every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 1e-3):
+        self.interval, self.growth = interval, 0
+
+    def __enter__(self):
+        self._base = self._peak = rss_bytes()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, rss_bytes())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, rss_bytes())
+        self.growth = self._peak - self._base
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    framework: str  # "JAX" | "PyTorch"
+    step: str  # "theta1" | "theta2"
+    variant: str  # e.g. "reverse, conv auto" / "+ diagnostics (as run by the reference)"
+    times: list
+    compile_s: float | None = None
+    rss_growth: int | None = None
+    device_peak: int | None = None
+    xla_bytes: int | None = None
+    flops: float | None = None  # XLA count of this step (JAX) or of the equivalent JAX step
+    profile: tuple | None = None  # op_profile's result (JAX, --profile)
+    batch: int = 0
+    key: str = ""  # identifies the row for ratios / projections
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+# --------------------------------------------------------------------------------------- peak
+def measure_matmul_peak(n: int, repeats: int) -> float:
+    """Median FLOP/s of an (n x n) @ (n x n) float32 product in JAX on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul).lower(a, b).compile()
+    jax.block_until_ready(f(a, b))
+    ts = []
+    for _ in range(max(repeats, 3)):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        ts.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / statistics.median(ts)
+
+
+def device_peak(args, measured: float) -> tuple[float, str]:
+    dev = jax.devices()[0]
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12, "given with --peak-tflops"
+    if dev.platform == "gpu":
+        for name, (peak, what) in GPU_PEAKS.items():
+            if name in dev.device_kind:
+                return peak, f"{dev.device_kind} spec sheet, {what}"
+    return measured, (f"measured: median of a {args.peak_matmul}x{args.peak_matmul} float32 "
+                      f"matmul in JAX in this run")
+
+
+# --------------------------------------------------------------------------------------- JAX
+def build_maxl(model: str, conv_impl: str, form: str) -> steps.Maxl:
+    f, g = models.make_networks(model, len(PSI), sum(PSI), sum(PSI), conv_impl=conv_impl)
+    f_opt, g_opt, inner_lr = steps.reference_optimizers(steps_per_epoch=TRAIN_EXAMPLES // 100)
+    return steps.Maxl(f, g, PSI, "maxl", f_opt, g_opt, inner_lr=inner_lr, meta_form=form)
+
+
+def make_batch(batch: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+            "primary": rng.integers(0, len(PSI), size=batch).astype(np.int32)}
+
+
+def _flops_of(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost["flops"])
+    except Exception:  # noqa: BLE001 - cost analysis is best effort
+        return None
+
+
+def _xla_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def op_profile(compiled, args_, trace_dir: str) -> tuple[float, list]:
+    """Trace one call of ``compiled(*args_)`` with ``jax.profiler`` and sum the time of XLA's
+    executed ops (thunks / kernels) by op kind (the HLO name without its ``.N`` suffix).
+
+    Returns ``(total op ms, [(kind, ms, count), ...])`` sorted by time. On a multi-threaded CPU the
+    total can exceed the wall time (ops run concurrently)."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+    import shutil
+
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready(compiled(*args_))
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    ms, count = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith("$") or "::" in name or name.startswith("Pjit"):
+            continue  # python frames and runtime bookkeeping, not XLA ops
+        kind = re.sub(r"\.\d+$", "", name)
+        ms[kind] += e.get("dur", 0) / 1e3
+        count[kind] += 1
+    return sum(ms.values()), [(k, v, count[k]) for k, v in ms.most_common()]
+
+
+def time_jax(fn: Callable, state, batch, repeats: int, profile_dir: str | None = None):
+    """Compile ``fn(state, batch)`` ahead of time; returns (times, compile_s, rss_growth,
+    device_peak, xla_bytes, flops, op profile or None). The state is not donated, so every call
+    does the same work."""
+    t = time.perf_counter()
+    compiled = jax.jit(fn).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    with RssPeak() as mem:
+        jax.block_until_ready(compiled(state, batch))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(state, batch))
+        times.append(time.perf_counter() - t)
+    prof = op_profile(compiled, (state, batch), profile_dir) if profile_dir else None
+    return (times, compile_s, mem.growth, _device_peak_bytes(), _xla_bytes(compiled),
+            _flops_of(compiled), prof)
+
+
+def jax_rows(model: str, args, batch_np: dict) -> tuple[list, object]:
+    rows = []
+    state = None
+    batch = jax.device_put(batch_np)
+    for impl in args.conv_impl:
+        base = build_maxl(model, impl, FORMS[0])
+        if state is None:  # the parameters do not depend on the conv implementation
+            state = jax.block_until_ready(base.init(jax.random.key(0), (32, 32, 3)))
+        print(f"  JAX theta1, conv {impl} ...", file=sys.stderr, flush=True)
+        out = time_jax(base.theta1_step, state, batch, args.repeats, args.profile)
+        rows.append(Row(model, "JAX", "theta1", f"conv {impl}", *out, batch=args.batch,
+                        key=f"jax/theta1/{impl}"))
+        for form in args.forms:
+            print(f"  JAX theta2 {form}, conv {impl} ...", file=sys.stderr, flush=True)
+            m = build_maxl(model, impl, form)
+            out = time_jax(m.theta2_step, state, batch, args.repeats, args.profile)
+            rows.append(Row(model, "JAX", "theta2", f"{form}, conv {impl}", *out, batch=args.batch,
+                            key=f"jax/theta2/{form}/{impl}"))
+    return rows, state
+
+
+# --------------------------------------------------------------------------------------- torch
+def torch_rows(model: str, args, state, batch_np: dict, threads: int) -> list:
+    import torch
+
+    from benchmarks import torch_reference as tr
+
+    torch.set_num_threads(threads)
+    dev = "cuda" if (jax.default_backend() == "gpu" and torch.cuda.is_available()) else "cpu"
+    fp, fs = tr.flax_to_torch(jax.device_get(state.multitask_params),
+                              jax.device_get(state.multitask_batch_stats), device=dev)
+    gp, gs = tr.flax_to_torch(jax.device_get(state.generator_params),
+                              jax.device_get(state.generator_batch_stats), device=dev)
+    x = tr.images_from_nhwc(batch_np["image"], device=dev)
+    y = torch.tensor(batch_np["primary"], dtype=torch.int64, device=dev)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    jobs = [
+        ("theta1", "", lambda: tr.theta1_step(fp, fs, gp, gs, x, y, PSI)),
+        ("theta1", "+ 2 diagnostic backward passes, as the reference runs it",
+         lambda: tr.theta1_step(fp, fs, gp, gs, x, y, PSI, diagnostics=True,
+                                original_cost=args.original_cost)),
+        ("theta2", "", lambda: tr.theta2_step(fp, fs, gp, gs, x, y, PSI)),
+    ]
+    if args.original_cost:
+        jobs.append(("theta2", "as the reference runs it (backward also into f)",
+                     lambda: tr.theta2_step(fp, fs, gp, gs, x, y, PSI, original_cost=True)))
+    rows = []
+    for step, variant, fn in jobs:
+        print(f"  PyTorch {step} {variant} ({threads} threads) ...", file=sys.stderr, flush=True)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with RssPeak() as mem:
+            fn()
+            sync()
+        peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        key = f"torch/{step}" + ("/reference" if variant else "") + f"@{threads}"
+        rows.append(Row(model, "PyTorch", step, f"{variant or '-'}; {threads} threads", times,
+                        rss_growth=mem.growth,
+                        device_peak=peak, batch=args.batch, key=key))
+    return rows
+
+
+# --------------------------------------------------------------------------------------- report
+def fastest_torch(rows: list, model: str, key: str):
+    """The fastest PyTorch row of ``key`` (e.g. ``torch/theta2``) over the thread counts measured."""
+    cands = [r for r in rows if r.model == model and r.key.split("@")[0] == key]
+    return min(cands, key=lambda r: r.median) if cands else None
+
+
+def print_step_table(rows: list, peak: float):
+    by_key = {(r.model, r.key): r for r in rows}
+    # useful FLOPs of a PyTorch row: the JAX step with the same math (first conv impl measured)
+    for r in rows:
+        if r.framework == "PyTorch" and r.flops is None:
+            for k, jr in by_key.items():
+                if k[0] == r.model and jr.framework == "JAX" and (
+                        (r.step == "theta1" and jr.key.startswith("jax/theta1/")) or
+                        (r.step == "theta2" and jr.key.startswith("jax/theta2/reverse/"))):
+                    r.flops = jr.flops
+                    break
+    print("| model | framework | step | variant | ms/step | images/s | PyTorch/JAX time | "
+          "compile s | RSS growth (1st run) | XLA buffers | device peak mem | GFLOP/step | "
+          "% of peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ratio = "-"
+        if r.framework == "JAX":
+            ref = fastest_torch(rows, r.model, f"torch/{r.step}")
+            if ref is not None:
+                ratio = f"{ref.median / r.median:.2f}x"
+        gflop = f"{r.flops / 1e9:.1f}" if r.flops else "-"
+        frac = f"{100 * r.flops / r.median / peak:.1f}%" if r.flops else "-"
+        print(f"| {r.model} | {r.framework} | {r.step} | {r.variant} | {1e3 * r.median:.0f} | "
+              f"{r.batch / r.median:.1f} | {ratio} | "
+              f"{'-' if r.compile_s is None else f'{r.compile_s:.1f}'} | {fmt_bytes(r.rss_growth)} | "
+              f"{fmt_bytes(r.xla_bytes)} | {fmt_bytes(r.device_peak)} | {gflop} | {frac} |")
+
+
+def print_profiles(rows: list, top: int = 12):
+    for r in rows:
+        if not r.profile:
+            continue
+        total, kinds = r.profile
+        print(f"\nOp profile, {r.model} JAX {r.step} ({r.variant}), one call: {r.median * 1e3:.0f} ms "
+              f"wall (median), {total:.0f} ms summed over XLA ops (concurrent ops add up)\n")
+        print("| XLA op kind | ms | % of op time | count |\n| --- | --- | --- | --- |")
+        for kind, ms, n in kinds[:top]:
+            print(f"| {kind} | {ms:.0f} | {100 * ms / total:.1f}% | {n} |")
+        rest = sum(ms for _, ms, _ in kinds[top:])
+        print(f"| (other {max(len(kinds) - top, 0)} kinds) | {rest:.0f} | {100 * rest / total:.1f}% | - |")
+
+
+def print_projection(rows: list, batch: int):
+    steps_per_epoch = -(-TRAIN_EXAMPLES // batch)
+    print(f"\nProjected wall time: one reference epoch = {steps_per_epoch} theta1 + {steps_per_epoch} "
+          f"theta2 steps at batch {batch}; full run = {EPOCHS} epochs (data loading and evaluation "
+          f"not included). Reference: ~{REFERENCE_HOURS:.0f} h for MAXL on a GTX 1080 (reported).\n")
+    print("| model | implementation | theta1 s | theta2 s | epoch | 200 epochs | "
+          "vs PyTorch as run by the reference | vs reference's 30 h (GTX 1080) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model in dict.fromkeys(r.model for r in rows):
+        by_key = {r.key: r for r in rows if r.model == model}
+        for k in ("torch/theta1", "torch/theta1/reference", "torch/theta2", "torch/theta2/reference"):
+            best = fastest_torch(rows, model, k)  # PyTorch at its fastest thread count
+            if best is not None:
+                by_key[k] = best
+        combos = []
+        for k, r in by_key.items():
+            if k.startswith("jax/theta2/"):
+                _, _, form, impl = k.split("/")
+                t1 = by_key.get(f"jax/theta1/{impl}")
+                if t1:
+                    combos.append((f"JAX, {form}, conv {impl}", t1.median, r.median))
+        def threads(*keys):
+            return "/".join(dict.fromkeys(by_key[k].key.split("@")[1] for k in keys))
+
+        if "torch/theta1" in by_key and "torch/theta2" in by_key:
+            combos.append((f"PyTorch, without the reference's extra work "
+                           f"({threads('torch/theta1', 'torch/theta2')} threads)",
+                           by_key["torch/theta1"].median, by_key["torch/theta2"].median))
+        ref = None
+        if "torch/theta1/reference" in by_key:
+            k2 = "torch/theta2/reference" if "torch/theta2/reference" in by_key else "torch/theta2"
+            if k2 in by_key:
+                ref = (by_key["torch/theta1/reference"].median, by_key[k2].median)
+                combos.append((f"PyTorch, as the reference runs it "
+                               f"({threads('torch/theta1/reference', k2)} threads)", *ref))
+        for name, t1, t2 in combos:
+            epoch = steps_per_epoch * (t1 + t2)
+            vs = f"{steps_per_epoch * sum(ref) / epoch:.2f}x" if ref else "-"
+            vs30 = f"{REFERENCE_HOURS * 3600 / (EPOCHS * epoch):.3f}x"
+            print(f"| {model} | {name} | {t1:.3f} | {t2:.3f} | {fmt_duration(epoch)} | "
+                  f"{fmt_duration(EPOCHS * epoch)} | {vs} | {vs30} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("vgg16", "small", "both"), default="both")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--conv-impl", default="auto",
+                    help="comma-separated maxl_jax.conv implementations: auto, xla, patches, "
+                         "shifted_matmul (default auto)")
+    ap.add_argument("--forms", default=",".join(FORMS), help="meta-gradient forms to time")
+    ap.add_argument("--torch", dest="torch", action="store_true", default=True,
+                    help="also time the PyTorch reference port (default)")
+    ap.add_argument("--notorch", "--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--torch-threads", default=str(num_cores()),
+                    help="comma-separated torch.set_num_threads values, each timed (default: the "
+                         "cores this process may use); ratios and projections use the fastest")
+    ap.add_argument("--no-original-cost", dest="original_cost", action="store_false",
+                    help="skip the PyTorch theta2 'as the reference runs it' row, and the "
+                         "reference's discarded backward into g in the diagnostics row")
+    ap.add_argument("--peak-matmul", type=int, default=4096,
+                    help="size of the float32 matmul whose rate is the CPU's reference peak")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="also trace one call of each JAX step with jax.profiler (into DIR) and "
+                         "print the time per XLA op kind")
+    args = ap.parse_args(argv)
+    args.conv_impl = args.conv_impl.split(",")
+    args.forms = args.forms.split(",")
+    args.torch_threads = [int(t) for t in str(args.torch_threads).split(",")]
+    models_ = ("vgg16", "small") if args.model == "both" else (args.model,)
+
+    dev = jax.devices()[0]
+    versions = f"jax {jax.__version__}, jaxlib {jax.lib.__version__}"
+    if args.torch:
+        import torch
+        versions += f", torch {torch.__version__}"
+    print(f"# MAXL step benchmark\n\ncommand: python -m benchmarks.steps {' '.join(argv or sys.argv[1:])}")
+    print(f"machine: {cpu_model()}, {num_cores()} cores usable; python {platform.python_version()}; "
+          f"{versions}")
+    print(f"device: {dev.platform} ({dev.device_kind}); JAX default matmul precision: "
+          f"{jax.config.jax_default_matmul_precision or 'default'}; float32 parameters")
+    print(f"batch {args.batch}, median of {args.repeats} after a warm-up; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    measured = measure_matmul_peak(args.peak_matmul, args.repeats)
+    peak, peak_what = device_peak(args, measured)
+    print(f"peak FLOP rate used for '% of peak': {peak / 1e9:.1f} GFLOP/s ({peak_what}); "
+          f"measured {args.peak_matmul}^3 float32 matmul: {measured / 1e9:.1f} GFLOP/s\n")
+
+    rows = []
+    batch_np = make_batch(args.batch)
+    for model in models_:
+        print(f"{model} ...", file=sys.stderr, flush=True)
+        jrows, state = jax_rows(model, args, batch_np)
+        rows += jrows
+        if args.torch:
+            for threads in args.torch_threads:
+                rows += torch_rows(model, args, state, batch_np, threads)
+        del state
+    print_step_table(rows, peak)
+    print_projection(rows, args.batch)
+    print_profiles(rows)
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
