@@ -1,5 +1,6 @@
 """Networks: reference parameter counts and initialisation, shapes, BatchNorm as PyTorch computes it."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +82,32 @@ def test_batchnorm_matches_pytorch_statistics():
 def test_unknown_architecture_is_rejected():
     with pytest.raises(ValueError, match="unknown architecture 'resnet'"):
         models.make_networks("resnet", 2, 2, 2)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 4), (2, 7, 5, 3)])  # even, and odd (trailing row dropped)
+def test_max_pool_2x2_equals_flax_max_pool_forward_and_gradient_after_relu(shape):
+    """The reshape max-pool gives nn.max_pool's output bit for bit, and, after a ReLU (as in the
+    backbone), the same gradient w.r.t. the pre-activations and the same second derivative
+    (Hessian-vector product), although ~70% of the inputs are ReLU zeros: tied windows of zeros
+    exist, and their pre-activations get no gradient either way."""
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=shape) - 0.5, jnp.float32)  # ~70% ReLU zeros
+    v = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(models.max_pool_2x2(z), flax_pool(z))
+    relu_z = jax.nn.relu(z)
+    tied_zero_windows = np.sum(np.all(np.asarray(
+        relu_z[:, :shape[1] // 2 * 2, :shape[2] // 2 * 2]).reshape(
+        shape[0], shape[1] // 2, 2, shape[2] // 2, 2, shape[3]) == 0, axis=(2, 4)))
+    assert tied_zero_windows > 0, "the instance must contain tied windows to test them"
+
+    def loss(pool, z):
+        return jnp.sum(jnp.sin(3.0 * pool(jax.nn.relu(z))))
+
+    for pool in (models.max_pool_2x2, flax_pool):
+        assert loss(pool, z).shape == ()
+    g_ours, g_flax = (jax.grad(lambda z: loss(p, z))(z) for p in (models.max_pool_2x2, flax_pool))
+    np.testing.assert_array_equal(g_ours, g_flax)
+    assert np.count_nonzero(np.asarray(g_ours)) > 0
+    hvp = lambda p: jax.jvp(jax.grad(lambda z: loss(p, z)), (z,), (v,))[1]  # noqa: E731
+    np.testing.assert_allclose(hvp(models.max_pool_2x2), hvp(flax_pool), rtol=1e-6, atol=1e-6)
