@@ -1,7 +1,8 @@
 """Parity of our JAX MAXL steps with the PyTorch port of the reference (benchmarks/torch_reference.py).
 
-Same initial weights (our Flax init, converted with ``flax_to_torch``) and the same batch must give,
-in float32, the same:
+Same initial weights (the reference's initialisation drawn by the torch port and converted to our
+Flax layout; structure checked against ``Maxl.init``) and the same batch must give, in float32, the
+same:
 
 * primary and auxiliary losses of the theta1 step (``steps.Maxl.theta1_step``),
 * theta1 update (the new parameters after one SGD step, and the step ``new - old`` itself),
@@ -10,9 +11,10 @@ in float32, the same:
 * theta2 meta-gradient w.r.t. every generator parameter (``maxl.meta_gradient``, both forms
   ``"reverse"`` and ``"forward_over_reverse"``), the meta objective and its parts,
 * theta2 update of g (``steps.Maxl.theta2_step``: SGD lr 1e-3 with L2 weight decay 5e-4) and the
-  running statistics after it.
+  running statistics after it (``-m slow``, with the ``xla`` conv variant: each adds a compilation).
 
-"Relative error" is ``||jax - torch|| / ||torch||`` per parameter tensor, required below 1e-4. A tensor
+"Relative error" is ``||jax - torch|| / ||torch||`` per parameter tensor (``|jax - torch| / |torch|``
+for scalars), required below 1e-4. A tensor
 whose true value is ~0 has no meaningful relative error: the conv biases feed a train-mode BatchNorm,
 which removes them, so their gradients are exactly 0 in exact arithmetic and float noise in both
 implementations. For a tensor whose torch norm is below 1e-3 of the whole tree's norm, the error is
@@ -21,8 +23,10 @@ measured against the whole tree's norm instead (still < 1e-4).
 ReLU and max-pool make both losses only piecewise smooth: where a pre-activation is within float32
 rounding of 0, or a 2x2 pooling window's two largest values are within rounding of each other, the
 two implementations may legitimately take different branches and their gradients then differ by
-percents (seen here: one max-pool window after conv 3 of the forward at theta1+, with a gap of 2e-6,
-flipped with the compiler's optimisation level and moved the meta-gradient by 5%). The instance below
+percents (seen while writing this test, on another instance: one max-pool window after conv 3 of the
+forward at theta1+, whose two largest values were 2e-6 apart, flipped with the XLA optimisation
+level and the conv implementation, and moved every entry of the meta-gradient by 3-5%; float64 runs
+of both sides agreed to 1e-13). The instance below
 (weights seed ``WEIGHT_SEED``, batch seed ``BATCH_SEED``) was chosen for its distance from every such
 kink, and ``test_instance_is_away_from_relu_and_maxpool_kinks`` checks that distance in float64.
 
@@ -93,12 +97,14 @@ def _rel_errors(got: dict, want: dict) -> dict:
 def assert_tree_close(got: dict, want: dict, what: str, rtol: float = RTOL):
     errs = _rel_errors(got, want)
     worst = max(errs, key=errs.get)
+    print(f"{what}: worst relative error {errs[worst]:.2e} ({worst})")  # shown with -rP
     assert errs[worst] < rtol, f"{what}: worst relative error {errs[worst]:.3g} at {worst}"
     return errs[worst]
 
 
 def assert_scalar_close(got, want, what: str, rtol: float = RTOL):
     got, want = float(got), float(want)
+    print(f"{what}: relative error {abs(got - want) / abs(want):.2e}")  # shown with -rP
     assert abs(got - want) <= rtol * abs(want), f"{what}: jax {got!r} vs torch {want!r}"
 
 
@@ -255,6 +261,7 @@ def test_instance_is_away_from_relu_and_maxpool_kinks(setup):
     _, _, state, batch, _ = setup
     fp, _, gp, _, x, y = _torch_inputs(state, batch)
     relu, pool = kink_margins(fp, gp, x, y)
+    print(f"kink margins (float64): min |pre-ReLU| {relu:.2e}, min max-pool gap {pool:.2e}")
     assert pool > MIN_POOL_GAP, f"a max-pool window's top two values are {pool:.2g} apart"
     assert relu > MIN_RELU_MARGIN, f"a pre-activation is {relu:.2g} from 0"
 
