@@ -3,7 +3,7 @@
     python -m benchmarks.steps [--model vgg16|small|both] [--batch 100] [--repeats 2]
                                [--conv-impl auto[,xla,...]] [--forms reverse,forward_over_reverse]
                                [--torch | --notorch] [--torch-threads N[,M]] [--no-original-cost]
-                               [--profile DIR]
+                               [--pool library|reduce_window] [--profile DIR]
 
 Rows, for each model (same weights, same random batch of 32x32x3 images, CIFAR-100's psi = [5]*20):
 
@@ -460,6 +460,9 @@ def main(argv=None):
     ap.add_argument("--peak-matmul", type=int, default=4096,
                     help="size of the float32 matmul whose rate is the CPU's reference peak")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
+    ap.add_argument("--pool", choices=("library", "reduce_window"), default="library",
+                    help="2x2 max-pool of the JAX networks: the library's (models.max_pool_2x2) or "
+                         "flax's nn.max_pool (reduce_window; the form before the CPU fix), to A/B it")
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="also trace one call of each JAX step with jax.profiler (into DIR) and "
                          "print the time per XLA op kind")
@@ -468,6 +471,9 @@ def main(argv=None):
     args.forms = args.forms.split(",")
     args.torch_threads = [int(t) for t in str(args.torch_threads).split(",")]
     models_ = ("vgg16", "small") if args.model == "both" else (args.model,)
+    if args.pool == "reduce_window":  # ConvBackbone looks the function up when it is traced
+        import flax.linen as nn
+        models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
 
     dev = jax.devices()[0]
     versions = f"jax {jax.__version__}, jaxlib {jax.lib.__version__}"
@@ -478,7 +484,8 @@ def main(argv=None):
     print(f"machine: {cpu_model()}, {num_cores()} cores usable; python {platform.python_version()}; "
           f"{versions}")
     print(f"device: {dev.platform} ({dev.device_kind}); JAX default matmul precision: "
-          f"{jax.config.jax_default_matmul_precision or 'default'}; float32 parameters")
+          f"{jax.config.jax_default_matmul_precision or 'default'}; float32 parameters; "
+          f"JAX max-pool: {args.pool}")
     print(f"batch {args.batch}, median of {args.repeats} after a warm-up; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     measured = measure_matmul_peak(args.peak_matmul, args.repeats)
