@@ -147,8 +147,10 @@ def plot_curves(protocol: str, results: dict, path: pathlib.Path) -> None:
 
 
 def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class: int = 6) -> None:
-    """Per primary class: effective number of auxiliary classes used and mean label entropy; and a
-    grid of test images for each generated auxiliary class (rows), most confident first."""
+    """Per primary class: the auxiliary classes available (psi), the effective number in use (exp of
+    the entropy of the class's mean soft label), how many ever win the argmax, and the mean label
+    entropy; then a grid of test images for each auxiliary class that wins the argmax for at least
+    one image (rows, most confident first). Classes that never win are listed, not drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -158,33 +160,42 @@ def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class:
     names = [str(n) for n in d["primary_names"]]
     starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
     assigned = soft.argmax(1)
-    eff, ent = [], []
+    eff, ent, won = [], [], []
     for c, (s, n) in enumerate(zip(starts, psi)):
         block = soft[primary == c][:, s:s + n]
         usage = block.mean(0) / block.mean(0).sum()
         eff.append(float(np.exp(-(usage * np.log(np.maximum(usage, 1e-30))).sum())))
         ent.append(float(-(block * np.log(np.maximum(block, 1e-30))).sum(1).mean()))
+        won.append(len(np.unique(assigned[primary == c])))
     k = int(psi.sum())
-    fig = plt.figure(figsize=(4 + per_class * 0.9, 3 + k * 0.9))
-    grid = fig.add_gridspec(k + 3, per_class + 1)
+    owner = np.searchsorted(starts, np.arange(k), side="right") - 1
+    counts = np.array([int(((assigned == j) & (primary == owner[j])).sum()) for j in range(k)])
+    rows = [j for j in range(k) if counts[j] > 0]
+    fig = plt.figure(figsize=(4 + per_class * 0.9, 3.6 + len(rows) * 0.9))
+    grid = fig.add_gridspec(len(rows) + 4, per_class + 1)
     ax = fig.add_subplot(grid[:3, :])
     xs = np.arange(len(psi))
-    ax.bar(xs - 0.2, eff, 0.4, label="effective aux classes used")
-    ax.bar(xs + 0.2, ent, 0.4, label="mean label entropy (nats)")
+    ax.bar(xs - 0.27, eff, 0.27, label="effective aux classes (mean soft label)")
+    ax.bar(xs, won, 0.27, label="aux classes winning the argmax")
+    ax.bar(xs + 0.27, ent, 0.27, label="mean label entropy (nats)")
     ax.plot(xs, psi, "k_", markersize=20, label="psi (aux classes available)")
     ax.set_xticks(xs, names, fontsize=7)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="lower right")
     ax.set_title("What the generator learned (test set)")
-    for j in range(k):
-        owner = int(np.searchsorted(starts, j, side="right") - 1)
-        idx = np.where((assigned == j) & (primary == owner))[0]
+    unused = [j for j in range(k) if counts[j] == 0]
+    note = fig.add_subplot(grid[3, :])
+    note.axis("off")
+    note.text(0, 0.5, f"{len(unused)} of {k} auxiliary classes never win the argmax (not drawn): "
+              + ", ".join(map(str, unused))[:180], fontsize=7, va="center", wrap=True)
+    for r, j in enumerate(rows):
+        idx = np.where((assigned == j) & (primary == owner[j]))[0]
         idx = idx[np.argsort(-soft[idx, j])][:per_class]
-        lab = fig.add_subplot(grid[3 + j, 0])
+        lab = fig.add_subplot(grid[4 + r, 0])
         lab.axis("off")
-        lab.text(0, 0.5, f"aux {j}\n({names[owner][:10]}, n={int(((assigned == j) & (primary == owner)).sum())})",
-                 fontsize=7, va="center")
+        lab.text(0, 0.5, f"aux {j}\n({names[owner[j]][:10]}, n={counts[j]})", fontsize=7,
+                 va="center")
         for i in range(per_class):
-            a = fig.add_subplot(grid[3 + j, 1 + i])
+            a = fig.add_subplot(grid[4 + r, 1 + i])
             a.axis("off")
             if i < len(idx):
                 a.imshow(images[idx[i]].squeeze(), cmap="gray")
