@@ -140,6 +140,7 @@ def plot_curves(protocol: str, results: dict, path: pathlib.Path) -> None:
         ax.plot(x, acc.mean(0), label=variant)
         ax.fill_between(x, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{protocol}: mean +- std over seeds")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
