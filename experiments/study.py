@@ -147,6 +147,30 @@ def plot_curves(protocol: str, results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def generated_label_summary(soft: np.ndarray, primary: np.ndarray, psi) -> tuple:
+    """What a generator's soft labels ``soft (N, sum(psi))`` do for primary labels ``primary (N,)``.
+
+    Returns, per primary class ``(P,)``: ``effective`` (exp of the entropy of the class's mean soft
+    label inside its block), ``won`` (how many of its auxiliary classes win the argmax for at least
+    one of its examples), ``entropy`` (mean per-example entropy, nats); and per auxiliary class
+    ``(K,)``: ``counts`` (examples whose argmax it is) and ``owner`` (its primary class).
+    """
+    psi = np.asarray(psi)
+    starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
+    assigned = soft.argmax(1)
+    eff, won, ent = [], [], []
+    for c, (s, n) in enumerate(zip(starts, psi)):
+        block = soft[primary == c][:, s:s + n]
+        usage = block.mean(0) / block.mean(0).sum()
+        eff.append(float(np.exp(-(usage * np.log(np.maximum(usage, 1e-30))).sum())))
+        ent.append(float(-(block * np.log(np.maximum(block, 1e-30))).sum(1).mean()))
+        won.append(len(np.unique(assigned[primary == c])))
+    k = int(psi.sum())
+    owner = np.searchsorted(starts, np.arange(k), side="right") - 1
+    counts = np.array([int(((assigned == j) & (primary == owner[j])).sum()) for j in range(k)])
+    return np.array(eff), np.array(won), np.array(ent), counts, owner
+
+
 def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class: int = 6) -> None:
     """Per primary class: the auxiliary classes available (psi), the effective number in use (exp of
     the entropy of the class's mean soft label), how many ever win the argmax, and the mean label
@@ -159,18 +183,9 @@ def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class:
     d = np.load(npz_path)
     soft, primary, images, psi = d["soft"], d["primary"], d["images"], d["psi"]
     names = [str(n) for n in d["primary_names"]]
-    starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
+    eff, won, ent, counts, owner = generated_label_summary(soft, primary, psi)
     assigned = soft.argmax(1)
-    eff, ent, won = [], [], []
-    for c, (s, n) in enumerate(zip(starts, psi)):
-        block = soft[primary == c][:, s:s + n]
-        usage = block.mean(0) / block.mean(0).sum()
-        eff.append(float(np.exp(-(usage * np.log(np.maximum(usage, 1e-30))).sum())))
-        ent.append(float(-(block * np.log(np.maximum(block, 1e-30))).sum(1).mean()))
-        won.append(len(np.unique(assigned[primary == c])))
     k = int(psi.sum())
-    owner = np.searchsorted(starts, np.arange(k), side="right") - 1
-    counts = np.array([int(((assigned == j) & (primary == owner[j])).sum()) for j in range(k)])
     rows = [j for j in range(k) if counts[j] > 0]
     fig = plt.figure(figsize=(4 + per_class * 0.9, 3.6 + len(rows) * 0.9))
     grid = fig.add_gridspec(len(rows) + 4, per_class + 1)

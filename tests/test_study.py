@@ -34,3 +34,35 @@ def test_table_reports_mean_and_sample_std_over_seeds():
     assert f"| single | {expected} |" in md
     # Paired by seed: differences +1 and +3 points -> +2.00 +- 1.41.
     assert "| +2.00 +- 1.41 |" in md
+
+
+def test_generated_label_summary_counts_argmax_winners_and_effective_classes():
+    # psi = (2, 3): class 0 owns aux 0-1, class 1 owns aux 2-4 (other blocks are masked to 0).
+    soft = np.array([[0.9, 0.1, 0, 0, 0],
+                     [0.8, 0.2, 0, 0, 0],           # class 0: aux 0 always wins
+                     [0, 0, 1 / 3, 1 / 3, 1 / 3],
+                     [0, 0, 0.2, 0.5, 0.3]])         # class 1: ties go to aux 2, then aux 3 wins
+    primary = np.array([0, 0, 1, 1])
+    eff, won, ent, counts, owner = study.generated_label_summary(soft, primary, (2, 3))
+    np.testing.assert_array_equal(owner, [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(counts, [2, 0, 1, 1, 0])
+    np.testing.assert_array_equal(won, [1, 2])
+    usage0 = np.array([0.85, 0.15])
+    np.testing.assert_allclose(eff[0], np.exp(-(usage0 * np.log(usage0)).sum()), rtol=1e-6)
+    assert 1.0 < eff[0] < 2.0 and 1.0 < eff[1] <= 3.0
+    np.testing.assert_allclose(ent[1], (np.log(3) - (0.2 * np.log(0.2) + 0.5 * np.log(0.5)
+                                                      + 0.3 * np.log(0.3))) / 2, rtol=1e-6)
+
+
+def test_plot_generated_labels_writes_a_png(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40, 5))
+    primary = np.repeat([0, 1], 20)
+    mask = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]])[primary]
+    soft = np.exp(logits) * mask
+    soft /= soft.sum(1, keepdims=True)
+    np.savez(tmp_path / "labels.npz", soft=soft, primary=primary,
+             images=rng.integers(0, 255, size=(40, 28, 28, 1), dtype=np.uint8), psi=np.array([2, 3]),
+             primary_names=np.array(["a", "b"]))
+    study.plot_generated_labels(tmp_path / "labels.npz", tmp_path / "labels.png")
+    assert (tmp_path / "labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
