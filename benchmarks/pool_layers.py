@@ -20,8 +20,14 @@ import jax.numpy as jnp
 from maxl_jax import models
 
 SHAPES = ((32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512), (2, 2, 512))
-IMPLS = {"nn.max_pool": lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)),
-         "max_pool_2x2": models.max_pool_2x2}
+
+
+def flax_max_pool_2x2(x):
+    """The backbone's pool before the CPU fix (``select_and_scatter_add`` gradient)."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+IMPLS = {"nn.max_pool": flax_max_pool_2x2, "max_pool_2x2": models.max_pool_2x2}
 
 
 def _fns(pool):

@@ -472,8 +472,8 @@ def main(argv=None):
     args.torch_threads = [int(t) for t in str(args.torch_threads).split(",")]
     models_ = ("vgg16", "small") if args.model == "both" else (args.model,)
     if args.pool == "reduce_window":  # ConvBackbone looks the function up when it is traced
-        import flax.linen as nn
-        models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+        from benchmarks.pool_layers import flax_max_pool_2x2
+        models.max_pool_2x2 = flax_max_pool_2x2
 
     dev = jax.devices()[0]
     versions = f"jax {jax.__version__}, jaxlib {jax.lib.__version__}"
