@@ -1,4 +1,4 @@
-"""Exact gradients through optax updates: the estimator behind MAXL's meta step.
+"""The exact unroll: gradients through optax updates, the estimator behind MAXL's meta step.
 
 Given an inner loss ``L_in(params, hyper)`` and an outer loss ``L_out(params, hyper)``,
 
@@ -29,7 +29,7 @@ PyTree = Any
 # loss(params, hyper) -> (scalar loss, aux pytree)
 LossFn = Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]]
 
-FORMS = ("reverse", "forward_over_reverse")
+FORMS = ("reverse", "forward_over_reverse", "finite_difference")
 
 
 class MetaGradient(NamedTuple):
@@ -86,15 +86,20 @@ def meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: PyTree, hyper:
         When it is Adam, use ``eps_root > 0``: with ``eps_root=0`` the meta-gradient is NaN wherever
         an inner gradient is exactly zero.
       steps: number of inner steps ``k``.
-      form: ``"reverse"`` or ``"forward_over_reverse"`` (``k = 1`` only).
+      form: ``"reverse"``, ``"forward_over_reverse"`` (``k = 1`` only), or
+        ``"finite_difference"`` (``k = 1``; the first-order approximation of
+        ``maxl_jax.meta.finite_difference``, not exact).
     """
     if form not in FORMS:
         raise ValueError(f"unknown meta-gradient form {form!r}; choose one of {FORMS}")
     if form == "reverse":
         return _reverse(inner_loss, outer_loss, params, hyper, optimizer, steps)
     if steps != 1:
-        raise ValueError(f"form='forward_over_reverse' supports steps=1 only (got {steps}); "
+        raise ValueError(f"form={form!r} supports steps=1 only (got {steps}); "
                          "use form='reverse' for several inner steps")
+    if form == "finite_difference":
+        from maxl_jax.meta.finite_difference import finite_difference_meta_gradient
+        return finite_difference_meta_gradient(inner_loss, outer_loss, params, hyper, optimizer)
     return _forward_over_reverse(inner_loss, outer_loss, params, hyper, optimizer)
 
 
@@ -111,6 +116,24 @@ def _reverse(inner_loss, outer_loss, params, hyper, optimizer, steps):
 
 
 def _forward_over_reverse(inner_loss, outer_loss, params, hyper, optimizer):
+    def jvp_mixed_term(grad_hyper_at, w):
+        return jax.jvp(grad_hyper_at, (params,), (w,))[1]
+
+    return one_step_meta_gradient(inner_loss, outer_loss, params, hyper, optimizer, jvp_mixed_term)
+
+
+def one_step_meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: PyTree, hyper: PyTree,
+                           optimizer: optax.GradientTransformation,
+                           mixed_term: Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
+                           ) -> MetaGradient:
+    """The one-step meta-gradient assembled from its two parts, with the mixed term supplied.
+
+    ``params_plus = params + U(g)``, ``g = grad_params L_in(params, hyper)``, ``U`` the optimizer's
+    update from a fresh state; ``w = (dU/dg)^T grad L_out(params_plus)`` by a VJP through ``U``. Then
+    ``dL_out/dhyper = dL_out/dhyper|direct + mixed_term(grad_hyper_at, w)`` where
+    ``grad_hyper_at(p) = grad_hyper L_in(p, hyper)`` and ``mixed_term`` returns (an estimate of) its
+    derivative along ``w``: ``(d grad_params L_in / d hyper)^T w``.
+    """
     (in_loss, in_aux), g = jax.value_and_grad(inner_loss, has_aux=True)(params, hyper)
     opt_state = optimizer.init(params)
 
@@ -126,6 +149,6 @@ def _forward_over_reverse(inner_loss, outer_loss, params, hyper, optimizer):
     def grad_hyper_at(p):
         return jax.grad(lambda p_, h: inner_loss(p_, h)[0], argnums=1)(p, hyper)
 
-    _, mixed = jax.jvp(grad_hyper_at, (params,), (w,))
+    mixed = mixed_term(grad_hyper_at, w)
     grad = jax.tree_util.tree_map(lambda a, b: a + b, d_hyper, mixed)
     return MetaGradient(out_loss, grad, params_plus, in_loss, in_aux, out_aux)
