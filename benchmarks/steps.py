@@ -7,7 +7,7 @@
 
 Rows, for each model (same weights, same random batch of 32x32x3 images, CIFAR-100's psi = [5]*20):
 
-* JAX theta1 step (``steps.Maxl.theta1_step``) and theta2 step (``steps.Maxl.theta2_step``) for each
+* JAX theta1 step (``Maxl.train_step``) and theta2 step (``Maxl.meta_step``) for each
   meta-gradient form and each ``--conv-impl``, compiled ahead of time (``jax.jit(...).lower().compile()``),
   timed with ``jax.block_until_ready``;
 * PyTorch (``benchmarks/torch_reference.py``): theta1 step; theta1 "as the reference runs it" (its two
@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxl_jax import models, steps
+from maxl_jax.methods.maxl import Maxl
 
 PSI = [5] * 20  # CIFAR-100: 20 superclasses x 5 auxiliary classes
 TRAIN_EXAMPLES = 50_000
@@ -188,10 +189,11 @@ def device_peak(args, measured: float) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------------------- JAX
-def build_maxl(model: str, conv_impl: str, form: str) -> steps.Maxl:
+def build_maxl(model: str, conv_impl: str, form: str) -> Maxl:
     f, g = models.make_networks(model, len(PSI), sum(PSI), sum(PSI), conv_impl=conv_impl)
     f_opt, g_opt, inner_lr = steps.reference_optimizers(steps_per_epoch=TRAIN_EXAMPLES // 100)
-    return steps.Maxl(f, g, PSI, "maxl", f_opt, g_opt, inner_lr=inner_lr, meta_form=form)
+    return Maxl(multitask=f, multitask_optimizer=f_opt, generator=g, psi=PSI,
+                generator_optimizer=g_opt, inner_lr=inner_lr, meta_form=form)
 
 
 def make_batch(batch: int, seed: int = 0) -> dict:
@@ -282,13 +284,13 @@ def jax_rows(model: str, args, batch_np: dict) -> tuple[list, object]:
         if state is None:  # the parameters do not depend on the conv implementation
             state = jax.block_until_ready(base.init(jax.random.key(0), (32, 32, 3)))
         print(f"  JAX theta1, conv {impl} ...", file=sys.stderr, flush=True)
-        out = time_jax(base.theta1_step, state, batch, args.repeats, args.profile)
+        out = time_jax(base.train_step, state, batch, args.repeats, args.profile)
         rows.append(Row(model, "JAX", "theta1", f"conv {impl}", *out, batch=args.batch,
                         key=f"jax/theta1/{impl}"))
         for form in args.forms:
             print(f"  JAX theta2 {form}, conv {impl} ...", file=sys.stderr, flush=True)
             m = build_maxl(model, impl, form)
-            out = time_jax(m.theta2_step, state, batch, args.repeats, args.profile)
+            out = time_jax(m.meta_step, state, {"train": batch}, args.repeats, args.profile)
             rows.append(Row(model, "JAX", "theta2", f"{form}, conv {impl}", *out, batch=args.batch,
                             key=f"jax/theta2/{form}/{impl}"))
     return rows, state
@@ -304,8 +306,8 @@ def torch_rows(model: str, args, state, batch_np: dict, threads: int) -> list:
     dev = "cuda" if (jax.default_backend() == "gpu" and torch.cuda.is_available()) else "cpu"
     fp, fs = tr.flax_to_torch(jax.device_get(state.multitask_params),
                               jax.device_get(state.multitask_batch_stats), device=dev)
-    gp, gs = tr.flax_to_torch(jax.device_get(state.generator_params),
-                              jax.device_get(state.generator_batch_stats), device=dev)
+    gp, gs = tr.flax_to_torch(jax.device_get(state.method_state["params"]),
+                              jax.device_get(state.method_state["batch_stats"]), device=dev)
     x = tr.images_from_nhwc(batch_np["image"], device=dev)
     y = torch.tensor(batch_np["primary"], dtype=torch.int64, device=dev)
 

@@ -8,20 +8,37 @@ Thin glue: flags in, ``maxl_jax.train.train_and_evaluate`` out. Examples::
         --config.data_dir=../shared/data/fashion_mnist --workdir runs/fmnist
 """
 
+import os
+import pathlib
+import signal
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxl_jax import steps, train
+from maxl_jax import data as data_lib
+from maxl_jax import methods, train
+from maxl_jax.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Config file; fields overridable as --config.x=y.")
+    "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py"),
+    "Config file (default: experiments/configs/default.py); fields overridable as --config.x=y.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Run directory: checkpoints, metrics.jsonl, summary.json, plot. "
                                "An existing one is resumed.")
 _XLA = flags.DEFINE_bool("xla", True, "Compile the steps with XLA across all local devices "
                          "(--noxla runs the same code op by op, for debugging).")
-_METHOD = flags.DEFINE_enum("method", None, steps.METHODS, "Overrides config.method.")
+_METHOD = flags.DEFINE_enum("method", None, methods.names(), "Overrides config.method.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the Python traceback of an error "
+                                "(also with MAXL_TRACEBACK=1); by default a user error prints one "
+                                "paragraph.")
+
+# Errors that are the user's to fix: exit 2 with the message alone.
+USER_ERRORS = (ValueError, data_lib.DatasetNotFoundError, data_lib.DatasetCorruptError,
+               CheckpointError)
 
 
 def main(argv):
@@ -31,12 +48,27 @@ def main(argv):
     config = _CONFIG.value
     if _METHOD.value:
         config.method = _METHOD.value
-    summary = train.train_and_evaluate(config, _WORKDIR.value, xla=_XLA.value,
-                                       progress=_PROGRESS.value)
+    show_traceback = _TRACEBACK.value or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
+    try:
+        summary = train.train_and_evaluate(config, _WORKDIR.value, xla=_XLA.value,
+                                           progress=_PROGRESS.value)
+    except train.Interrupted as e:
+        print(f"\n{e.message}", file=sys.stderr, flush=True)
+        sys.exit(143 if e.signum == signal.SIGTERM else 130)
+    except KeyboardInterrupt:
+        print("\nInterrupted before training started: nothing was saved.", file=sys.stderr)
+        sys.exit(130)
+    except (*USER_ERRORS, train.NonFiniteError) as e:
+        if show_traceback:
+            raise
+        print(f"\nError: {e}\n(--traceback shows where.)", file=sys.stderr, flush=True)
+        sys.exit(1 if isinstance(e, train.NonFiniteError) else 2)
+    if summary.get("already_complete"):
+        return
     print(f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
           f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), mean of last "
           f"{summary['last_k']} {summary['last_k_mean_test_accuracy']:.4f}; "
-          f"{summary['wall_time_s']:.0f} s. Results in {_WORKDIR.value}")
+          f"{summary['train_time_s']:.0f} s of training. Results in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

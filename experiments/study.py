@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from experiments.configs import cpu
 from maxl_jax import data as data_lib
-from maxl_jax import maxl, train
+from maxl_jax import maxl, methods, train
 
 # variant name -> (method, psi or None for the dataset's own / aux_per_class default)
 PROTOCOLS = {
@@ -91,11 +91,11 @@ def generated_test_labels(config, state) -> dict:
     """The generator's soft labels on the test set (eval mode), with images and primary labels."""
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
                                     train_fraction=config.train_fraction, seed=config.seed)
-    trainer = train.build_trainer(config, dataset, steps_per_epoch=1)
+    trainer = methods.build(config, train.setup_of(config, dataset, steps_per_epoch=1))
     images = data_lib.normalize(dataset.test.images)
     labels = jax.jit(lambda v, x, y: maxl.generate_labels(trainer.generator, v, x, y, trainer.psi,
                                                           train=False)[0])
-    soft = np.concatenate([np.asarray(labels(state.generator_variables, images[i:i + 1000],
+    soft = np.concatenate([np.asarray(labels(trainer.generator_variables(state), images[i:i + 1000],
                                              dataset.test.primary[i:i + 1000]))
                            for i in range(0, len(images), 1000)])
     return {"soft": soft, "primary": dataset.test.primary, "images": dataset.test.images,
@@ -117,7 +117,8 @@ def table(protocol: str, results: dict) -> str:
         def stat(key):
             v = 100 * np.array([r[key] for r in runs])
             return f"{v.mean():.2f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
-        wall = np.mean([r["wall_time_s"] for r in runs])
+        # train_time_s: the epochs' training steps (this version); wall_time_s: older results.
+        wall = np.mean([r.get("train_time_s", r.get("wall_time_s")) for r in runs])
         # Each seed draws its own training subset and initialisation: compare within a seed.
         diffs = 100 * np.array([r["final_test_accuracy"] - single[r["seed"]] for r in runs
                                 if r["seed"] in single])

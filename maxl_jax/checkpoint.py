@@ -84,6 +84,8 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, wait: bool = True) -> None:
+        """Waits for pending saves (unless ``wait=False``, after an error) and shuts the manager."""
+        if wait:
+            self.wait()
         self.manager.close()

@@ -25,6 +25,11 @@ def batch_mean(x: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarray:
     return m if axis_name is None else jax.lax.pmean(m, axis_name)
 
 
+def accuracy(logits: jnp.ndarray, labels: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarray:
+    """Top-1 accuracy of ``logits (B, K)`` against int ``labels (B,)``."""
+    return batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis_name)
+
+
 def log_plus_eps(log_p: jnp.ndarray) -> jnp.ndarray:
     """``log(p + 1e-20)`` computed from ``log p`` without underflow: ``logaddexp(log p, log 1e-20)``."""
     return jnp.logaddexp(log_p, LOG_EPS)
@@ -89,3 +94,27 @@ def entropy_term(probs: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarra
     """
     pbar = batch_mean(probs, axis_name)
     return jnp.sum(pbar * jnp.log(pbar + 1e-20))
+
+
+def task_focal_losses(aux_logits: jnp.ndarray, targets: jnp.ndarray, sizes: Sequence[int],
+                      gamma: float = 2.0) -> jnp.ndarray:
+    """Per-example focal losses of several auxiliary tasks sharing one head.
+
+    The auxiliary head's ``K = sum(sizes)`` outputs are the concatenated logits of ``T = len(sizes)``
+    tasks; each task is a softmax over its own slice.
+
+    Args:
+      aux_logits: ``(B, K)``; targets: ``(B, K)`` one-hot or soft targets, concatenated alike.
+    Returns:
+      ``(B, T)``: the focal loss of each example on each task.
+    """
+    out, start = [], 0
+    for size in sizes:
+        sl = slice(start, start + size)
+        out.append(focal_loss_per_example(jax.nn.log_softmax(aux_logits[:, sl], axis=-1),
+                                          targets[:, sl], gamma))
+        start += size
+    if start != aux_logits.shape[-1]:
+        raise ValueError(f"the auxiliary head has {aux_logits.shape[-1]} outputs but the tasks need "
+                         f"sum({list(sizes)}) = {start}")
+    return jnp.stack(out, axis=-1)

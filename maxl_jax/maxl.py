@@ -132,17 +132,12 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
     metrics = {
         "primary_before": parts["primary"],
         "auxiliary_before": parts["auxiliary"],
-        "accuracy_before": accuracy(parts["primary_logits"], y, axis_name),
+        "accuracy_before": losses.accuracy(parts["primary_logits"], y, axis_name),
         "primary_after": result.outer_aux["primary_after"],
-        "accuracy_after": accuracy(result.outer_aux["primary_logits_after"], y, axis_name),
+        "accuracy_after": losses.accuracy(result.outer_aux["primary_logits_after"], y, axis_name),
         "entropy_term": result.outer_aux["entropy"],
     }
     return MaxlMetaGradient(grad, result.outer_loss, new_mt_stats, gen_stats, soft, metrics)
-
-
-def accuracy(logits: jax.Array, labels: jax.Array, axis_name: str | None = None) -> jax.Array:
-    """Top-1 accuracy of ``logits (B, K)`` against ``labels (B,)``."""
-    return losses.batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis_name)
 
 
 def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:

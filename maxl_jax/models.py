@@ -195,18 +195,25 @@ class MultiTaskNet(nn.Module):
 class LabelGenerator(nn.Module):
     """g(theta2): its own backbone and one head; returns auxiliary logits ``(B, num_auxiliary)``.
 
-    The true primary label enters only through the mask softmax applied to these logits.
+    The true primary label enters only through the mask softmax applied to these logits. With
+    ``weight_head`` (WAMAL) a second ``Dense(width) - ReLU - Dense(1)`` head on the same features
+    also returns one weight logit per example: the output is then ``(logits, weight_logits (B,))``.
     """
 
     num_auxiliary: int
     backbone: ConvBackbone
     head_width: int = 512
     kernel_init: Initializer = XAVIER_NORMAL
+    weight_head: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None):
         h = self.backbone(x, train, axis_name)
-        return Head(self.head_width, self.num_auxiliary, self.kernel_init, name="head")(h)
+        logits = Head(self.head_width, self.num_auxiliary, self.kernel_init, name="head")(h)
+        if not self.weight_head:
+            return logits
+        weight = Head(self.head_width, 1, self.kernel_init, name="weight_head")(h)
+        return logits, weight[:, 0]
 
 
 ARCHITECTURES = ("vgg16", "small")
@@ -227,19 +234,22 @@ def make_backbone(arch: str, kernel_init: Initializer, conv_impl: str = "auto",
 
 def make_networks(arch: str, num_primary: int, num_auxiliary: int, generator_classes: int,
                   *, conv_impl: str = "auto", width: int | None = None,
-                  head_width: int | None = None) -> tuple[MultiTaskNet, LabelGenerator]:
+                  head_width: int | None = None,
+                  generator_weight_head: bool = False) -> tuple[MultiTaskNet, LabelGenerator]:
     """The multi-task network and the label generator with the reference's initialisation.
 
     ``num_auxiliary`` is the multi-task network's auxiliary head size (``sum(psi)``, or the number of
     fine classes for the human auxiliary task); ``generator_classes`` is ``sum(psi)``. ``head_width``
     defaults to 512 for VGG-16 and to the backbone's output width for the small CNN.
+    ``generator_weight_head`` adds WAMAL's per-example weight head to the generator.
     """
     f_backbone = make_backbone(arch, XAVIER_UNIFORM, conv_impl, width)
     g_backbone = make_backbone(arch, XAVIER_NORMAL, conv_impl, width)
     if head_width is None:
         head_width = 512 if arch == "vgg16" else f_backbone.filters[-1]
     multitask = MultiTaskNet(num_primary, num_auxiliary, f_backbone, head_width, XAVIER_UNIFORM)
-    generator = LabelGenerator(generator_classes, g_backbone, head_width, XAVIER_NORMAL)
+    generator = LabelGenerator(generator_classes, g_backbone, head_width, XAVIER_NORMAL,
+                               generator_weight_head)
     return multitask, generator
 
 

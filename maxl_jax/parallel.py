@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxl_jax.steps import Maxl
+from maxl_jax.methods.base import Method
 from maxl_jax.train_state import TrainState
 
 DATA_AXIS = "data"
@@ -44,13 +44,18 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
             f"use a multiple of {num_devices} (e.g. {max(num_devices, batch_size - batch_size % num_devices)})")
 
 
-def validate_batch(batch: dict, image_shape: Sequence[int], num_devices: int,
+def validate_batch(batch: dict, image_shape: Sequence[int], num_devices: int, *,
+                   num_primary: int | None = None, aux_tasks: Sequence = (),
                    needs_aux: bool = False) -> None:
-    """Checks a batch's keys, shapes and dtypes before anything is compiled.
+    """Checks a batch's keys, shapes, dtypes and label ranges before anything is compiled.
 
     Raises ``ValueError`` naming the problem: a missing key, images not ``(B, H, W, C)`` float with
-    ``(H, W, C) == image_shape``, labels not integer ``(B,)``, or ``B`` not divisible by the devices.
+    ``(H, W, C) == image_shape``, labels not integer ``(B,)`` (``aux``: ``(B, T)`` or ``(B,)``),
+    a primary label outside ``[0, num_primary)``, an auxiliary label outside its task or outside the
+    block of its example's primary class (``aux_tasks``: the method's ``AuxTask``s), or ``B`` not
+    divisible by the devices.
     """
+    needs_aux = needs_aux or bool(aux_tasks)
     required = ("image", "primary") + (("aux",) if needs_aux else ())
     for key in required:
         if key not in batch:
@@ -65,29 +70,61 @@ def validate_batch(batch: dict, image_shape: Sequence[int], num_devices: int,
     b = image.shape[0]
     for key in required[1:]:
         lab = batch[key]
-        if lab.shape != (b,) or not jnp.issubdtype(lab.dtype, jnp.integer):
+        ok_shape = lab.shape == (b,) or (key == "aux" and lab.ndim == 2 and lab.shape[0] == b)
+        if not ok_shape or not jnp.issubdtype(lab.dtype, jnp.integer):
             raise ValueError(f"batch[{key!r}] has shape {tuple(lab.shape)} and dtype {lab.dtype}; "
-                             f"expected integer labels of shape ({b},)")
+                             f"expected integer labels of shape ({b},)"
+                             + (" or (batch, tasks)" if key == "aux" else ""))
+    if num_primary is not None:
+        _check_labels(batch, num_primary, aux_tasks, needs_aux)
     check_batch_size(b, num_devices)
 
 
-class DataParallelSteps:
-    """``trainer``'s steps compiled once for ``mesh`` (state replicated, batch sharded).
+def _check_labels(batch: dict, num_primary: int, aux_tasks: Sequence, has_aux: bool) -> None:
+    primary = np.asarray(batch["primary"])
+    bad = np.flatnonzero((primary < 0) | (primary >= num_primary))
+    if bad.size:
+        raise ValueError(f"batch['primary'][{bad[0]}] = {primary[bad[0]]} is outside [0, "
+                         f"{num_primary}): primary labels index the {num_primary} primary classes")
+    if not has_aux or not aux_tasks:
+        return
+    aux = np.asarray(batch["aux"])
+    aux = aux[:, None] if aux.ndim == 1 else aux
+    if aux.shape[1] != len(aux_tasks):
+        raise ValueError(f"batch['aux'] has {aux.shape[1]} column(s) but the method has "
+                         f"{len(aux_tasks)} auxiliary task(s)")
+    for t, task in enumerate(aux_tasks):
+        psi = np.asarray(task.psi)
+        lab = aux[:, t]
+        starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
+        lo, hi = starts[primary], starts[primary] + psi[primary]
+        bad = np.flatnonzero((lab < lo) | (lab >= hi))
+        if bad.size:
+            i = bad[0]
+            raise ValueError(
+                f"batch['aux'][{i}, {t}] = {lab[i]} is outside the auxiliary block "
+                f"[{lo[i]}, {hi[i]}) of its primary class {primary[i]} (task {task.source!r}, "
+                f"psi={list(task.psi)})")
 
-    ``theta1_step(state, batch)``, ``theta2_step(state, batch)`` and ``eval_step(state, batch)``
-    validate their batch first, then run the compiled step; the state argument is donated.
+
+class DataParallelSteps:
+    """A method's steps compiled once for ``mesh`` (state replicated, batches sharded).
+
+    ``train_step(state, batch)``, ``meta_step(state, batches)`` (``batches``: a dict from each of the
+    method's meta sources to a batch) and ``eval_step(state, batch)`` validate their batches first,
+    then run the compiled step; the state argument is donated.
     """
 
-    def __init__(self, trainer: Maxl, image_shape: Sequence[int], mesh: Mesh | None = None):
-        self.trainer = trainer
+    def __init__(self, method: Method, image_shape: Sequence[int], mesh: Mesh | None = None):
+        self.method = method
         self.image_shape = tuple(image_shape)
         self.mesh = mesh or make_mesh()
         rep, shard = replicated(self.mesh), data_sharded(self.mesh)
-        self._theta1 = jax.jit(trainer.theta1_step, in_shardings=(rep, shard),
-                               out_shardings=(rep, rep), donate_argnums=0)
-        self._theta2 = jax.jit(trainer.theta2_step, in_shardings=(rep, shard),
-                               out_shardings=(rep, rep), donate_argnums=0)
-        self._eval = jax.jit(trainer.eval_step, in_shardings=(rep, shard), out_shardings=rep)
+        self._train = jax.jit(method.train_step, in_shardings=(rep, shard),
+                              out_shardings=(rep, rep), donate_argnums=0)
+        self._meta = (jax.jit(method.meta_step, in_shardings=(rep, shard), out_shardings=(rep, rep),
+                              donate_argnums=0) if method.has_meta else None)
+        self._eval = jax.jit(method.eval_step, in_shardings=(rep, shard), out_shardings=rep)
 
     @property
     def num_devices(self) -> int:
@@ -96,16 +133,24 @@ class DataParallelSteps:
     def place_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state, replicated(self.mesh))
 
-    def _check(self, batch, needs_aux=False):
-        validate_batch(batch, self.image_shape, self.num_devices, needs_aux)
+    def _check(self, batch, aux_tasks=()):
+        validate_batch(batch, self.image_shape, self.num_devices,
+                       num_primary=self.method.num_primary, aux_tasks=aux_tasks)
 
-    def theta1_step(self, state: TrainState, batch: dict):
-        self._check(batch, self.trainer.method in ("human", "random"))
-        return self._theta1(state, batch)
+    def train_step(self, state: TrainState, batch: dict):
+        self._check(batch, self.method.aux_tasks)
+        return self._train(state, batch)
 
-    def theta2_step(self, state: TrainState, batch: dict):
-        self._check(batch)
-        return self._theta2(state, batch)
+    def meta_step(self, state: TrainState, batches: dict):
+        if self._meta is None:
+            raise ValueError(f"method {self.method.name!r} has no meta step")
+        sources = self.method.schedule.sources
+        if set(batches) != set(sources):
+            raise ValueError(f"the meta step of {self.method.name!r} takes batches "
+                             f"{list(sources)}, got {sorted(batches)}")
+        for batch in batches.values():
+            self._check(batch)
+        return self._meta(state, batches)
 
     def eval_step(self, state: TrainState, batch: dict):
         self._check(batch)

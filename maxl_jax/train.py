@@ -1,23 +1,37 @@
-"""The training loop: data on the devices, the reference's two-pass epoch, checkpoints, logs, plots.
+"""The training loop of every registered method: data on the devices, the method's epoch, checkpoints,
+logs, plots.
 
 ``train_and_evaluate(config, workdir)`` runs one experiment. Each split is held as arrays on the
 devices; a compiled step gathers its batch by index, augments and normalises it inside XLA (keys from
-the seed and the step counters), and runs the pure step from ``maxl_jax.steps``. So a run is
-reproducible from its seed, and a run resumed from any checkpoint ends with the same parameters as an
-uninterrupted one.
+the seed and the step counters), and runs the method's pure step (``maxl_jax.methods``). The loop
+knows methods only through their interface: ``train_step``, ``meta_step``, ``eval_step`` and the
+``schedule`` that orders them in an epoch (for MAXL, the reference's two passes: one theta1 step per
+batch, then one theta2 step per batch of a fresh shuffle). After the epoch's steps the primary head is
+evaluated on the test set.
 
-Per epoch (as the reference): pass A, one theta1 step per batch; pass B (``maxl`` only), a fresh
-shuffle and one theta2 meta step per batch; then the primary head is evaluated on the test set.
-Written to the workdir: ``checkpoints/``, ``metrics.jsonl`` (one line per epoch), ``summary.json`` and
-``learning_curves.png``.
+What makes a run exact across interruptions:
+
+* the position in the run is the state's counters (``step + meta_step`` events into the fixed
+  sequence of the method's epochs), so a run resumed from any checkpoint takes the same steps with
+  the same batches and keys;
+* the running sums of the epoch's metrics live in the state (``TrainState.sums``) and so in every
+  checkpoint: a resumed epoch logs what an uninterrupted one logs;
+* an epoch counts as done when its record is in ``metrics.jsonl``; a run stopped after the epoch's
+  last step was checkpointed but before its record was written rebuilds the record on resume.
+
+Written to the workdir: ``checkpoints/``, ``metrics.jsonl`` (one line per epoch), ``summary.json``
+and ``learning_curves.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import pathlib
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -27,107 +41,190 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxl_jax import data as data_lib
-from maxl_jax import hierarchy, maxl, models, parallel, steps
-from maxl_jax.checkpoint import Checkpointer
+from maxl_jax import hierarchy, methods, parallel
+from maxl_jax.checkpoint import Checkpointer, CheckpointError
+from maxl_jax.methods.base import Method
 from maxl_jax.train_state import TrainState
+
+#: Fields of the config every method's trajectory depends on (part of every run's identity).
+IDENTITY_FIELDS = ("dataset", "primary_level", "train_fraction", "method", "arch", "width",
+                   "head_width", "batch_size", "seed", "lr", "decay_every", "gamma", "augment",
+                   "max_steps_per_epoch")
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN or inf; the message names the step and the quantity."""
+    """A loss, gradient or parameter became NaN or inf; the message names the step and quantity."""
 
 
-# Quantities checked for finiteness after every step, by pass.
-_CHECKED = {
-    "theta1": ("loss", "primary_loss", "auxiliary_loss", "grad_norm", "update_norm"),
-    "theta2": ("meta_loss", "primary_after", "entropy_term", "grad_norm", "update_norm"),
-}
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; ``signum`` says which."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
 
 
-def random_auxiliary_labels(primary: np.ndarray, psi, seed: int) -> np.ndarray:
-    """Fixed random auxiliary labels: for each example, a uniform class inside its primary block."""
+# ------------------------------------------------------------------------------------ data
+
+
+def random_auxiliary_labels(primary: np.ndarray, psi, seed: int, task: int = 0) -> np.ndarray:
+    """Fixed random auxiliary labels: for each example, a uniform class inside its primary block
+    (``task`` > 0 draws an independent labelling for a second random task)."""
     psi = np.asarray(hierarchy.validate_psi(psi))
-    rng = np.random.default_rng([seed, 0xA0C])
+    rng = np.random.default_rng([seed, 0xA0C] + ([task] if task else []))
     starts = hierarchy.block_starts(psi)
     return (starts[primary] + np.floor(rng.random(len(primary)) * psi[primary])).astype(np.int32)
 
 
-def resolve_psi(config, dataset: data_lib.Dataset) -> tuple[int, ...]:
-    """The hierarchy of the run: the dataset's fine labels for ``human``, else ``config.psi`` (or
-    ``config.aux_per_class`` auxiliary classes for each primary class)."""
-    if config.method == "human":
-        if dataset.psi_human is None:
-            raise ValueError(
-                f"method 'human' needs a dataset with fine labels (cifar100, fashion_mnist_coarse); "
-                f"{dataset.name!r} has none")
-        return tuple(dataset.psi_human)
-    if config.get("psi"):
-        return hierarchy.validate_psi(list(config.psi), dataset.num_primary)
-    return (int(config.aux_per_class),) * dataset.num_primary
+def auxiliary_labels(method: Method, split: data_lib.Split, seed: int) -> np.ndarray | None:
+    """``(N, T)`` int32 labels of the method's data-supplied auxiliary tasks, or ``None``."""
+    if not method.aux_tasks:
+        return None
+    columns = []
+    for t, task in enumerate(method.aux_tasks):
+        if task.source == "human":
+            columns.append(split.human_aux)
+        else:
+            columns.append(random_auxiliary_labels(split.primary, task.psi, seed, task=t))
+    return np.stack(columns, axis=1).astype(np.int32)
 
 
-def build_trainer(config, dataset: data_lib.Dataset, steps_per_epoch: int):
-    """The ``steps.Maxl`` of ``config`` for ``dataset``."""
-    psi = resolve_psi(config, dataset)
-    multitask, generator = models.make_networks(
-        config.arch, dataset.num_primary, sum(psi), sum(psi), conv_impl=config.conv_impl,
-        width=config.get("width") or None, head_width=config.get("head_width") or None)
-    f_opt, g_opt, inner_lr = steps.reference_optimizers(
-        steps_per_epoch, config.lr, config.generator_lr, config.weight_decay, config.decay_every)
-    if config.inner_lr != config.lr:
-        inner_lr = steps.step_lr_schedule(config.inner_lr, steps_per_epoch, config.decay_every)
-    return steps.Maxl(multitask, generator, psi, config.method, f_opt, g_opt, inner_lr=inner_lr,
-                      inner_steps=config.inner_steps, entropy_weight=config.entropy_weight,
-                      aux_weight=config.aux_weight, gamma=config.gamma, meta_form=config.meta_form)
+def held_out_split(primary: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, held_idx)``: a stratified, seeded ``fraction`` of each primary class held out."""
+    held = data_lib.stratified_subset(primary, fraction, seed=int(seed) + 7919)
+    keep = np.ones(len(primary), bool)
+    keep[held] = False
+    return np.flatnonzero(keep), held
 
 
-def run_identity(config, psi) -> dict:
-    """The settings a checkpoint must share with the run that resumes it."""
-    keys = ("dataset", "primary_level", "train_fraction", "method", "arch", "width", "head_width",
-            "batch_size", "seed", "inner_steps", "meta_form", "max_steps_per_epoch")
-    ident = {k: config.get(k) for k in keys}
-    ident["psi"] = list(psi)
+def setup_of(config, dataset: data_lib.Dataset, steps_per_epoch: int) -> methods.Setup:
+    return methods.Setup(num_primary=dataset.num_primary, psi_human=dataset.psi_human,
+                         steps_per_epoch=steps_per_epoch, dataset=dataset.name)
+
+
+def run_identity(config, method: Method, held: dict | None = None) -> dict:
+    """The settings a checkpoint must share with the run that resumes it: the shared trajectory
+    fields, the shared fields the method reads, its own config, its tasks and hierarchy, and what
+    the held-out split holds."""
+    ident = {k: config.get(k) for k in IDENTITY_FIELDS}
+    ident.update({k: config.get(k) for k in type(method).config_fields})
+    if method.name in config:
+        ident[method.name] = config[method.name].to_dict()
+    ident["aux_tasks"] = [[t.source, list(t.psi)] for t in method.aux_tasks]
+    if getattr(method, "psi", None) is not None:
+        ident["psi"] = list(method.psi)
+    if held is not None:
+        ident["held_out"] = held
     return json.loads(json.dumps(ident))
 
 
-class _Passes:
-    """The compiled per-batch functions of one run (gather by index, augment, step)."""
+# ------------------------------------------------------------------------- compiled functions
 
-    def __init__(self, trainer: steps.Maxl, mesh, augment: bool):
-        self.trainer = trainer
-        self.mesh = mesh
+
+def _is_finite_tree(tree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def _add_sums(sums: dict, kind: str, metrics: dict) -> dict:
+    new = dict(sums)
+    new[kind] = jax.tree_util.tree_map(lambda s, m: s + m.astype(s.dtype), sums[kind],
+                                       {k: metrics[k] for k in sums[kind]})
+    new[kind + "_count"] = sums[kind + "_count"] + 1
+    return new
+
+
+class _Compiled:
+    """The compiled per-step functions of one run: gather by index, augment, step, accumulate."""
+
+    def __init__(self, method: Method, mesh, augment: bool, compile_ahead: bool):
+        self.method = method
         rep = parallel.replicated(mesh)
         shard = parallel.data_sharded(mesh)
         batch_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+        sources = method.schedule.sources
 
-        def batch_of(data, idx, key, train):
-            batch = jax.tree_util.tree_map(lambda a: a[idx], data)
-            batch["image"] = data_lib.preprocess(key, batch["image"], train=train,
+        def gather(split, idx, key):
+            batch = {k: v[idx] for k, v in split.items()}
+            batch["image"] = data_lib.preprocess(key, batch["image"], train=key is not None,
                                                  augment_train=augment)
             return jax.lax.with_sharding_constraint(batch, batch_sharding)
 
-        def finite(metrics, names):
-            return jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[n])) for n in names]))
+        def finish(state, new, metrics, kind, checked):
+            ok = jnp.logical_and(
+                jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[n])) for n in checked])),
+                _is_finite_tree((new.multitask_params, new.multitask_batch_stats,
+                                 new.method_state)))
+            if state.sums:
+                new = new.replace(sums=_add_sums(state.sums, kind, metrics))
+            return new, metrics, ok
 
-        def theta1(state, data, idx):
-            key = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
-            state, m = trainer.theta1_step(state, batch_of(data, idx, key, True))
-            return state, {**m, "finite": finite(m, _CHECKED["theta1"])}
+        def train_key(state, step):
+            return jax.random.fold_in(jax.random.fold_in(state.rng, 1), step)
 
-        def theta2(state, data, idx):
+        def train(state, data, idx):
+            new, m = method.train_step(state, gather(data["train"], idx,
+                                                     train_key(state, state.step)))
+            return finish(state, new, m, "train", method.train_checked)
+
+        def meta(state, data, idx):
             key = jax.random.fold_in(jax.random.fold_in(state.rng, 2), state.meta_step)
-            state, m = trainer.theta2_step(state, batch_of(data, idx, key, True))
-            return state, {**m, "finite": finite(m, _CHECKED["theta2"])}
+            batches = {}
+            for i, source in enumerate(sources):
+                if source == "same":  # the batch of the training step just taken, as it was
+                    batches[source] = gather(data["train"], idx[source],
+                                             train_key(state, state.step - 1))
+                else:
+                    split = "held_out" if source == "held_out" else "train"
+                    batches[source] = gather(data[split], idx[source],
+                                             key if i == 0 else jax.random.fold_in(key, i))
+            new, m = method.meta_step(state, batches)
+            return finish(state, new, m, "meta", method.meta_checked)
 
-        def evaluate(state, data, idx):
-            batch = jax.tree_util.tree_map(lambda a: a[idx], data)
-            batch["image"] = data_lib.preprocess(None, batch["image"], train=False)
-            return trainer.eval_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
+        def evaluate(state, test, eval_idx):
+            def body(acc, idx):
+                sums = method.eval_step(state, gather(test, idx, None))
+                return jax.tree_util.tree_map(jnp.add, acc, sums), None
 
-        self.theta1 = jax.jit(theta1, in_shardings=(rep, rep, shard), out_shardings=(rep, rep),
-                              donate_argnums=0)
-        self.theta2 = jax.jit(theta2, in_shardings=(rep, rep, shard), out_shardings=(rep, rep),
-                              donate_argnums=0)
-        self.evaluate = jax.jit(evaluate, in_shardings=(rep, rep, shard), out_shardings=rep)
+            zero = {"correct": jnp.zeros(()), "loss_sum": jnp.zeros(()), "count": jnp.zeros(())}
+            return jax.lax.scan(body, zero, eval_idx)[0]
+
+        self._fns = {"train": train, "meta": meta, "evaluate": evaluate}
+        if compile_ahead:
+            self._fns = {
+                "train": jax.jit(train, in_shardings=(rep, rep, shard), out_shardings=rep,
+                                 donate_argnums=0),
+                "meta": jax.jit(meta, in_shardings=(rep, rep, shard), out_shardings=rep,
+                                donate_argnums=0),
+                "evaluate": jax.jit(evaluate, in_shardings=(rep, rep, rep), out_shardings=rep),
+            }
+        self.compile_ahead = compile_ahead
+        self.train, self.meta, self.evaluate = (self._fns["train"], self._fns["meta"],
+                                                self._fns["evaluate"])
+
+    def compile(self, state, data, train_idx, meta_idx, test, eval_idx) -> float:
+        """Compiles every step ahead of the loop (so timings exclude compilation); returns seconds."""
+        if not self.compile_ahead:
+            return 0.0
+        t = time.time()
+        self.train = self._fns["train"].lower(state, data, train_idx).compile()
+        if self.method.has_meta:
+            self.meta = self._fns["meta"].lower(state, data, meta_idx).compile()
+        self.evaluate = self._fns["evaluate"].lower(state, test, eval_idx).compile()
+        return time.time() - t
+
+    def sums_template(self, state, data, train_idx, meta_idx) -> dict:
+        """Zeroed running sums with the structure of the steps' metrics (float32)."""
+        def zeros(kind, idx):
+            shapes = jax.eval_shape(self._fns[kind], state.replace(sums={}), data, idx)[1]
+            return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+        sums = {"train": zeros("train", train_idx), "train_count": jnp.zeros((), jnp.float32)}
+        if self.method.has_meta:
+            sums["meta"] = zeros("meta", meta_idx)
+            sums["meta_count"] = jnp.zeros((), jnp.float32)
+        return sums
 
 
 def _epoch_order(num_examples: int, steps_per_epoch: int, batch_size: int, seed: int, epoch: int,
@@ -137,35 +234,28 @@ def _epoch_order(num_examples: int, steps_per_epoch: int, batch_size: int, seed:
     return perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
 
 
-def _raise_non_finite(metrics: dict, names, pass_name: str, step: int, epoch: int):
-    bad = {n: float(np.asarray(metrics[n])) for n in names
-           if not np.all(np.isfinite(np.asarray(metrics[n])))}
-    what = ", ".join(f"{n}={v}" for n, v in bad.items())
-    raise NonFiniteError(
-        f"non-finite {what} at {pass_name} step {step} (epoch {epoch}); training stopped and the "
-        f"last checkpoint kept. Lower the learning rate or check the input data.")
+@dataclasses.dataclass
+class _Orders:
+    """Which examples each step of an epoch takes, per data source."""
+
+    train: np.ndarray
+    meta_train: np.ndarray
+    held_out: np.ndarray | None
+    last_train: dict  # meta index -> index of the training step just before it
+
+    def meta_indices(self, sources, j: int) -> dict:
+        out = {}
+        for s in sources:
+            if s == "same":
+                out[s] = self.train[self.last_train[j]]
+            elif s == "train":
+                out[s] = self.meta_train[j % len(self.meta_train)]
+            else:
+                out[s] = self.held_out[j % len(self.held_out)]
+        return out
 
 
-def _mean_metrics(history: list[dict]) -> dict:
-    """Per-pass summary: sums for the label-count arrays, means for everything else."""
-    if not history:
-        return {}
-    host = jax.device_get(history)
-    out = {}
-    for key in host[0]:
-        if key == "finite":
-            continue
-        values = np.stack([np.asarray(h[key], np.float64) for h in host])
-        out[key] = values.sum(0) if key in ("soft_label_sum", "primary_count",
-                                            "label_entropy_sum") else values.mean(0)
-    return out
-
-
-def _to_json(x):
-    if isinstance(x, dict):
-        return {k: _to_json(v) for k, v in x.items()}
-    arr = np.asarray(x)
-    return arr.item() if arr.ndim == 0 else arr.tolist()
+# ------------------------------------------------------------------------------- the loop
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -185,17 +275,18 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
       xla: compile the steps with XLA over all local devices; ``False`` runs the same code
         op by op (``jax.disable_jit``) for debugging.
       progress: show progress bars.
+    Raises:
+      Interrupted: on SIGINT / SIGTERM, after saving a checkpoint.
+      NonFiniteError: when a checked quantity becomes NaN or inf (the last finite checkpoint kept).
     """
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     if not xla:
         with jax.disable_jit():
-            return _train(config, workdir, progress, log)
-    return _train(config, workdir, progress, log)
+            return _train(config, workdir, progress, log, compile_ahead=False)
+    return _train(config, workdir, progress, log, compile_ahead=True)
 
 
-def _train(config, workdir: pathlib.Path, progress: bool, log) -> dict:
-    t_start = time.time()
+def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bool) -> dict:
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
                                     primary_level=config.get("primary_level") or None,
                                     train_fraction=config.train_fraction, seed=config.seed,
@@ -203,145 +294,258 @@ def _train(config, workdir: pathlib.Path, progress: bool, log) -> dict:
     mesh = parallel.make_mesh()
     n_dev = mesh.devices.size
     parallel.check_batch_size(config.batch_size, n_dev)
-    n_train = len(dataset.train)
+    method_cls = methods.get(config.method)
+
+    train_split, held_split, held_ident = dataset.train, None, None
+    fraction = method_cls.held_out_fraction_of(config)
+    if fraction:
+        train_idx, held_idx = held_out_split(dataset.train.primary, fraction, config.seed)
+        train_split, held_split = _subset(dataset.train, train_idx), _subset(dataset.train, held_idx)
+        held_ident = {"fraction": fraction, "count": int(len(held_idx)),
+                      "sha256": hashlib.sha256(np.sort(held_idx).astype(np.int64).tobytes())
+                      .hexdigest()[:16]}
+        if len(held_idx) < config.batch_size:
+            raise ValueError(
+                f"the held-out split ({fraction:g} of {len(dataset.train)} training examples) holds "
+                f"{len(held_idx)} examples, fewer than one batch of {config.batch_size}: raise the "
+                f"held-out fraction or lower batch_size")
+    n_train = len(train_split)
     steps_per_epoch = n_train // config.batch_size
     if config.get("max_steps_per_epoch"):
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     if steps_per_epoch < 1:
         raise ValueError(f"the training split has {n_train} examples, fewer than one batch of "
                          f"{config.batch_size}: lower batch_size")
-    trainer = build_trainer(config, dataset, steps_per_epoch)
-    psi = trainer.psi
-    maxl_method = trainer.has_generator
+    method = methods.build(config, setup_of(config, dataset, steps_per_epoch))
+    schedule = method.schedule
+    events = schedule.events(steps_per_epoch)
 
-    if config.method == "human":
-        aux = dataset.train.human_aux
-    elif config.method == "random":
-        aux = random_auxiliary_labels(dataset.train.primary, psi, config.seed)
-    else:
-        aux = np.zeros(n_train, np.int32)
     rep = parallel.replicated(mesh)
-    train_data = jax.device_put({"image": dataset.train.images, "primary": dataset.train.primary,
-                                 "aux": aux.astype(np.int32)}, rep)
-    eval_bs = max(n_dev, (config.eval_batch_size // n_dev) * n_dev)
-    n_test = len(dataset.test)
-    n_eval_batches = math.ceil(n_test / eval_bs)
-    pad = n_eval_batches * eval_bs - n_test
-    test_data = jax.device_put({
-        "image": np.concatenate([dataset.test.images,
-                                 np.zeros((pad, *dataset.image_shape), np.uint8)]),
-        "primary": np.concatenate([dataset.test.primary, np.zeros(pad, np.int32)]).astype(np.int32),
-        "mask": np.concatenate([np.ones(n_test, np.float32), np.zeros(pad, np.float32)]),
-    }, rep)
-    eval_idx = np.arange(n_eval_batches * eval_bs, dtype=np.int32).reshape(n_eval_batches, eval_bs)
+    data = {"train": _device_split(train_split, method, config.seed, rep)}
+    if held_split is not None:
+        data["held_out"] = _device_split(held_split, method, config.seed, rep)
+    test, eval_idx = _test_data(dataset, config.eval_batch_size, n_dev, rep)
 
-    passes = _Passes(trainer, mesh, config.augment)
-    state = jax.device_put(trainer.init(jax.random.PRNGKey(config.seed), dataset.image_shape), rep)
-    ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, psi), config.keep_checkpoints)
+    compiled = _Compiled(method, mesh, config.augment, compile_ahead)
+    state = jax.device_put(method.init(jax.random.PRNGKey(config.seed), dataset.image_shape), rep)
+    example_train = np.zeros(config.batch_size, np.int32)
+    example_meta = {s: example_train for s in schedule.sources}
+    zero_sums = jax.device_get(compiled.sums_template(state, data, example_train, example_meta))
+    state = state.replace(sums=jax.device_put(zero_sums, rep))
+    ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, method, held_ident),
+                        config.keep_checkpoints)
+    workdir.mkdir(parents=True, exist_ok=True)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
-        log(f"Resumed from {ckpt.directory}/{ckpt.latest_step()}: theta1 step "
-            f"{int(state.step)}, theta2 step {int(state.meta_step)}")
+        log(f"Resumed from {ckpt.directory}/{ckpt.latest_step()}: step {int(state.step)}, meta "
+            f"step {int(state.meta_step)}")
+
+    start_epoch, offset = divmod(int(state.step) + int(state.meta_step), len(events))
+    expected = start_epoch * steps_per_epoch + sum(k == "train" for k, _ in events[:offset])
+    if int(state.step) != expected:
+        raise CheckpointError(
+            f"the checkpoint in {ckpt.directory} is at step {int(state.step)}, meta step "
+            f"{int(state.meta_step)}, which is not a position in this run's schedule; it is left "
+            f"untouched: use another --workdir")
 
     metrics_path = workdir / "metrics.jsonl"
-    counter = int(state.meta_step) if maxl_method else int(state.step)
-    start_epoch = counter // steps_per_epoch
     records = _read_records(metrics_path, keep_before=start_epoch)
-    _write_records(metrics_path, records)
 
+    def finish_epoch(epoch: int, state, epoch_time, images_per_sec) -> dict:
+        sums = jax.device_get(state.sums)
+        means = {kind: _means(sums[kind], sums[kind + "_count"])
+                 for kind in ("train", "meta") if kind in sums and sums[kind + "_count"] > 0}
+        test_sums = jax.device_get(compiled.evaluate(state, test, eval_idx))
+        record: dict[str, Any] = {"epoch": epoch, **means}
+        record["test"] = {"accuracy": float(test_sums["correct"] / test_sums["count"]),
+                          "loss": float(test_sums["loss_sum"] / test_sums["count"])}
+        record.update(method.epoch_summary(means))
+        record["epoch_time"] = epoch_time
+        record["train_images_per_sec"] = images_per_sec
+        return _to_json(record)
+
+    if offset == 0 and start_epoch > 0 and (not records or records[-1]["epoch"] != start_epoch - 1):
+        # The epoch's last step was checkpointed but its record never written: rebuild it from the
+        # checkpoint (its sums and its final parameters).
+        records.append(finish_epoch(start_epoch - 1, state, None, None))
+        log(f"Rebuilt the record of epoch {start_epoch} from the checkpoint")
+    _write_records(metrics_path, records)
+    if start_epoch >= config.epochs:
+        ckpt.close()
+        return _complete(config, workdir, records, state, steps_per_epoch, log)
+    t_compile = compiled.compile(state, data, example_train, example_meta, test, eval_idx)
+    if t_compile:
+        log(f"Compiled the steps in {t_compile:.1f} s")
+
+    orders = _order_maker(n_train, held_split, steps_per_epoch, config, schedule)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signum
 
-    old_handler = signal.signal(signal.SIGTERM, on_signal) if _main_thread() else None
-    step_interval = int(config.get("checkpoint_every_steps") or 0)
-    last_saved = [None]
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, on_signal)
+    every_events = int(config.get("checkpoint_every_steps") or 0)
 
-    def save(s: TrainState):
-        n = int(s.step) + int(s.meta_step)
-        ckpt.save(n, s)
-        last_saved[0] = n
+    def check(pending):
+        if pending is not None and not bool(pending[3]):
+            _raise_non_finite(pending, method, epoch)
 
+    def save(s: TrainState, pending):
+        check(pending)  # never save a state derived from a non-finite step
+        ckpt.save(counters["train"] + counters["meta"], s)
+
+    pending = None
+    counters = {"train": int(state.step), "meta": int(state.meta_step)}
     try:
         for epoch in range(start_epoch, config.epochs):
+            first = offset if epoch == start_epoch else 0
+            if first == 0:  # a fresh copy: the steps donate the state, sums included
+                state = state.replace(sums=jax.device_put(zero_sums, rep))
+            order = orders(epoch)
+            bar = _progress(len(events), f"epoch {epoch + 1}/{config.epochs}", progress)
+            if bar is not None:
+                bar.update(first)
             t_epoch = time.time()
-            record: dict[str, Any] = {"epoch": epoch}
-            for pass_name, fn, counter_of, pass_id in (
-                    ("theta1", passes.theta1, lambda s: int(s.step), 0),
-                    ("theta2", passes.theta2, lambda s: int(s.meta_step), 1)):
-                if pass_name == "theta2" and not maxl_method:
-                    continue
-                order = _epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed,
-                                     epoch, pass_id)
-                first = counter_of(state) - epoch * steps_per_epoch
-                bar = _progress(steps_per_epoch, f"epoch {epoch} {pass_name}", progress)
+            trained = 0
+            for e in range(first, len(events)):
+                kind, i = events[e]
+                if kind == "train":
+                    state, m, ok = compiled.train(state, data, order.train[i])
+                    trained += 1
+                    counters["train"] += 1
+                else:
+                    state, m, ok = compiled.meta(state, data,
+                                                 order.meta_indices(schedule.sources, i))
+                    counters["meta"] += 1
+                check(pending)  # the previous step's, so the host stays one step ahead
+                pending = (kind, counters[kind], m, ok)
                 if bar is not None:
-                    bar.update(first)
-                history, pending = [], None
-                t_pass = time.time()
-                for i in range(first, steps_per_epoch):
-                    step_number = epoch * steps_per_epoch + i
-                    state, m = fn(state, train_data, order[i])
-                    if pending is not None and not bool(pending[1]["finite"]):
-                        _raise_non_finite(pending[1], _CHECKED[pass_name], pass_name, pending[0],
-                                          epoch)
-                    pending = (step_number, m)
-                    history.append(m)
-                    if bar is not None:
-                        bar.update(1)
-                    if step_interval and (step_number + 1) % step_interval == 0:
-                        save(state)
-                    if stop["signal"] is not None:
-                        raise KeyboardInterrupt(f"signal {stop['signal']}")
-                if pending is not None and not bool(pending[1]["finite"]):
-                    _raise_non_finite(pending[1], _CHECKED[pass_name], pass_name, pending[0], epoch)
-                if bar is not None:
-                    bar.close()
-                done = len(history)
-                pass_time = time.time() - t_pass
-                summary = _mean_metrics(history)
-                if summary:
-                    summary["images_per_sec"] = done * config.batch_size / max(pass_time, 1e-9)
-                record[pass_name] = summary
-            sums = jax.device_get([passes.evaluate(state, test_data, idx) for idx in eval_idx])
-            correct = sum(float(s["correct"]) for s in sums)
-            count = sum(float(s["count"]) for s in sums)
-            record["test"] = {"accuracy": correct / count,
-                              "loss": sum(float(s["loss_sum"]) for s in sums) / count}
-            if maxl_method and record.get("theta2"):
-                t2 = record["theta2"]
-                record["label_usage"] = _to_json(maxl.block_usage(
-                    jnp.asarray(t2["soft_label_sum"]), jnp.asarray(t2["primary_count"]),
-                    jnp.asarray(t2["label_entropy_sum"]), psi))
-            record["epoch_time"] = time.time() - t_epoch
-            record = _to_json(record)
+                    bar.update(1)
+                if every_events and (epoch * len(events) + e + 1) % every_events == 0:
+                    save(state, pending)
+                if stop["signal"] is not None:
+                    raise _interrupt(stop["signal"])
+            check(pending)
+            if bar is not None:
+                bar.close()
+            elapsed = time.time() - t_epoch
+            record = finish_epoch(epoch, state, elapsed,
+                                  trained * config.batch_size / max(elapsed, 1e-9))
             records.append(record)
             _append_record(metrics_path, record)
-            log(_epoch_line(record, config.epochs))
-            save(state)
-    except KeyboardInterrupt:
-        save(state)
+            log(_epoch_line(record, config.epochs, method))
+            save(state, pending)
+            if stop["signal"] is not None:
+                raise _interrupt(stop["signal"])
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        try:
+            save(state, pending)
+            where = (f"saved a checkpoint at step {int(state.step)}, meta step "
+                     f"{int(state.meta_step)} in {ckpt.directory}")
+        except (NonFiniteError, RuntimeError, ValueError) as e:
+            where = f"the last checkpoint in {ckpt.directory} is kept ({type(e).__name__})"
         ckpt.close()
-        log(f"Interrupted: saved a checkpoint at theta1 step {int(state.step)}, theta2 step "
-            f"{int(state.meta_step)} in {ckpt.directory}; run the same command to resume.")
+        raise Interrupted(signum, f"Interrupted: {where}; run the same command to resume.") from None
+    except BaseException:
+        ckpt.close(wait=False)
         raise
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
     ckpt.close()
-
-    summary = summarize(records, config, time.time() - t_start, steps_per_epoch)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_learning_curves(records, workdir / "learning_curves.png",
-                         title=f"{config.method} on {config.dataset} ({config.arch})")
-    summary["state"] = state
-    return summary
+    return _finish(config, workdir, records, state, steps_per_epoch)
 
 
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
+def _order_maker(n_train, held_split, steps_per_epoch, config, schedule):
+    """``epoch -> _Orders``: the batches of every step of an epoch, from the seed."""
+    last_train, j = {}, 0
+    for kind, i in schedule.events(steps_per_epoch):
+        if kind == "train":
+            t = i
+        else:
+            last_train[j] = t
+            j += 1
+    n_held_batches = 0 if held_split is None else len(held_split) // config.batch_size
+
+    def orders(epoch: int) -> _Orders:
+        held = None
+        if n_held_batches:
+            held = _epoch_order(len(held_split), n_held_batches, config.batch_size, config.seed,
+                                epoch, 2)
+        return _Orders(
+            train=_epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed, epoch, 0),
+            meta_train=_epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed,
+                                    epoch, 1),
+            held_out=held, last_train=last_train)
+
+    return orders
+
+
+def _subset(split: data_lib.Split, idx: np.ndarray) -> data_lib.Split:
+    return data_lib.Split(images=split.images[idx], primary=split.primary[idx],
+                          human_aux=None if split.human_aux is None else split.human_aux[idx])
+
+
+def _device_split(split: data_lib.Split, method: Method, seed: int, sharding) -> dict:
+    arrays = {"image": split.images, "primary": split.primary.astype(np.int32)}
+    aux = auxiliary_labels(method, split, seed)
+    if aux is not None:
+        arrays["aux"] = aux
+    return jax.device_put(arrays, sharding)
+
+
+def _test_data(dataset, eval_batch_size: int, n_dev: int, sharding):
+    """The test split padded to whole evaluation batches (``mask`` 0 on padding), and the batches'
+    indices ``(n_batches, eval_bs)``."""
+    eval_bs = max(n_dev, (eval_batch_size // n_dev) * n_dev)
+    n_test = len(dataset.test)
+    n_batches = math.ceil(n_test / eval_bs)
+    pad = n_batches * eval_bs - n_test
+    test = jax.device_put({
+        "image": np.concatenate([dataset.test.images,
+                                 np.zeros((pad, *dataset.image_shape), np.uint8)]),
+        "primary": np.concatenate([dataset.test.primary, np.zeros(pad, np.int32)]).astype(np.int32),
+        "mask": np.concatenate([np.ones(n_test, np.float32), np.zeros(pad, np.float32)]),
+    }, sharding)
+    eval_idx = np.arange(n_batches * eval_bs, dtype=np.int32).reshape(n_batches, eval_bs)
+    return test, eval_idx
+
+
+def _means(sums: dict, count) -> dict:
+    """Epoch means of the summed metrics (totals for keys ending in ``_sum`` or ``_count``)."""
+    count = float(count)
+    return {k: (np.asarray(v) if k.endswith(("_sum", "_count")) else np.asarray(v) / count)
+            for k, v in sums.items()}
+
+
+def _interrupt(signum) -> Interrupted:
+    return Interrupted(signum, f"signal {signum}")
+
+
+def _raise_non_finite(pending, method: Method, epoch: int):
+    kind, counter, metrics, _ = pending
+    metrics = jax.device_get(metrics)
+    names = method.train_checked if kind == "train" else method.meta_checked
+    bad = {n: float(np.asarray(metrics[n]).ravel()[0]) for n in names
+           if not np.all(np.isfinite(np.asarray(metrics[n])))}
+    what = ", ".join(f"{n}={v}" for n, v in bad.items()) or "parameters or BatchNorm statistics"
+    raise NonFiniteError(
+        f"non-finite {what} at {kind} step {counter} (epoch {epoch + 1}); training stopped and the "
+        f"last finite checkpoint kept. Lower the learning rate (--config.lr) or check the input "
+        f"data.")
+
+
+def _to_json(x):
+    if isinstance(x, dict):
+        return {k: _to_json(v) for k, v in x.items()}
+    if x is None or isinstance(x, (str, bool, int, float)):
+        return x
+    arr = np.asarray(x)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
 
 
 def _read_records(path: pathlib.Path, keep_before: int) -> list[dict]:
@@ -365,76 +569,100 @@ def _append_record(path: pathlib.Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _epoch_line(r: dict, epochs: int) -> str:
-    t1 = r.get("theta1", {})
-    line = (f"epoch {r['epoch'] + 1:4d}/{epochs} | train primary loss {t1.get('primary_loss', 0):.4f}"
-            f" acc {t1.get('accuracy', 0):.4f}")
-    if "theta2" in r:
-        t2 = r["theta2"]
-        line += (f" | meta primary {t2['primary_before']:.4f} -> {t2['primary_after']:.4f}"
-                 f" label entropy {t2['label_entropy']:.3f}")
-    line += (f" | test loss {r['test']['loss']:.4f} acc {r['test']['accuracy']:.4f}"
-             f" | {r['epoch_time']:.1f}s")
-    return line
+def _epoch_line(r: dict, epochs: int, method: Method) -> str:
+    t = r.get("train", {})
+    line = (f"epoch {r['epoch'] + 1:4d}/{epochs} | train primary loss {t['primary_loss']:.4f}"
+            f" acc {t['accuracy']:.4f}")
+    meta = r.get("meta")
+    if meta:
+        line += " | " + " ".join(f"{label} {meta[key]:.4f}" for key, label in method.report
+                                 if key in meta)
+    return line + (f" | test loss {r['test']['loss']:.4f} acc {r['test']['accuracy']:.4f}"
+                   f" | {r['epoch_time']:.1f}s")
 
 
-def summarize(records: list[dict], config, wall_time: float, steps_per_epoch: int) -> dict:
-    """Final, best and mean-of-last-k test accuracy, wall time and throughput."""
+def _finish(config, workdir, records, state, steps_per_epoch) -> dict:
+    summary = summarize(records, config, steps_per_epoch)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_learning_curves(records, workdir / "learning_curves.png",
+                         methods.get(config.method).report,
+                         title=f"{config.method} on {config.dataset} ({config.arch})")
+    summary["state"] = state
+    return summary
+
+
+def _complete(config, workdir, records, state, steps_per_epoch, log) -> dict:
+    """A run that has already done its epochs: say so and change nothing (the summary is only
+    written when absent)."""
+    path = workdir / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+    else:
+        summary = _finish(config, workdir, records, state, steps_per_epoch)
+        summary.pop("state")
+    log(f"The run in {workdir} is complete ({len(records)} of {config.epochs} epochs done): nothing "
+        f"to train. Raise --config.epochs to train further.")
+    summary["state"] = state
+    summary["already_complete"] = True
+    return summary
+
+
+def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
+    """Final, best (with its epoch number) and mean-of-last-k test accuracy, time and throughput."""
     acc = [r["test"]["accuracy"] for r in records]
     k = min(int(config.last_k), len(acc)) if acc else 0
-    # Throughput of the theta1 pass, leaving out epoch 1 (compilation) when there are others; a
-    # resumed epoch whose pass was already done has no figure.
-    ips = [r.get("theta1", {}).get("images_per_sec") for r in records]
-    ips = [x for x in (ips[1:] if len(ips) > 1 else ips) if x is not None]
+    ips = [r.get("train_images_per_sec") for r in records]
+    ips = [x for x in ips if x is not None]
+    best = int(np.argmax(acc)) if acc else None
     return {
         "method": config.method, "dataset": config.dataset, "arch": config.arch,
         "seed": config.seed, "epochs": len(records), "steps_per_epoch": steps_per_epoch,
         "final_test_accuracy": acc[-1] if acc else None,
-        "best_test_accuracy": max(acc) if acc else None,
-        "best_epoch": int(np.argmax(acc)) + 1 if acc else None,
+        "best_test_accuracy": acc[best] if acc else None,
+        "best_epoch": records[best]["epoch"] + 1 if acc else None,
         "last_k": k, "last_k_mean_test_accuracy": float(np.mean(acc[-k:])) if k else None,
         "test_accuracy": acc,
-        "wall_time_s": wall_time,
+        "train_time_s": float(sum(r.get("epoch_time") or 0.0 for r in records)),
         "train_images_per_sec": float(np.median(ips)) if ips else None,
         "config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config),
     }
 
 
-def plot_learning_curves(records: list[dict], path: pathlib.Path, title: str = "") -> None:
-    """Train/test loss and accuracy per epoch (and the meta step's quantities for MAXL) as a PNG."""
+def plot_learning_curves(records: list[dict], path: pathlib.Path, report=(), title: str = "") -> None:
+    """Train/test loss and accuracy per epoch, and the method's meta-step quantities, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not records:
         return
     nan = float("nan")
 
     def get(r, part, key):
-        return r.get(part, {}).get(key, nan)
+        return (r.get(part) or {}).get(key, nan)
 
     epochs = [r["epoch"] + 1 for r in records]
-    has_meta = any("theta2" in r for r in records)
+    has_meta = any(r.get("meta") for r in records) and report
     fig, axes = plt.subplots(1, 3 if has_meta else 2, figsize=(15 if has_meta else 10, 4))
     ax = axes[0]
-    ax.plot(epochs, [get(r, "theta1", "primary_loss") for r in records], label="train primary")
+    ax.plot(epochs, [get(r, "train", "primary_loss") for r in records], label="train primary")
     ax.plot(epochs, [r["test"]["loss"] for r in records], label="test primary")
     ax.set(xlabel="epoch", ylabel="focal loss", title="loss")
     ax.legend()
     ax = axes[1]
-    ax.plot(epochs, [get(r, "theta1", "accuracy") for r in records], label="train")
+    ax.plot(epochs, [get(r, "train", "accuracy") for r in records], label="train")
     ax.plot(epochs, [r["test"]["accuracy"] for r in records], label="test")
     ax.set(xlabel="epoch", ylabel="primary accuracy", title="accuracy")
     ax.legend()
     if has_meta:
         ax = axes[2]
-        meta_rec = [r for r in records if r.get("theta2")]
-        me = [r["epoch"] + 1 for r in meta_rec]
-        ax.plot(me, [r["theta2"]["primary_before"] for r in meta_rec], label="primary at theta1")
-        ax.plot(me, [r["theta2"]["primary_after"] for r in meta_rec], label="primary at theta1+")
-        ax.plot(me, [r["theta2"]["label_entropy"] for r in meta_rec], label="label entropy (nats)")
+        for key, label in report:
+            ax.plot(epochs, [get(r, "meta", key) for r in records], label=label)
         ax.set(xlabel="epoch", title="meta step")
         ax.legend()
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

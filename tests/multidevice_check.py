@@ -16,6 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maxl_jax import maxl, models, parallel, steps  # noqa: E402
+from maxl_jax.methods.maxl import Maxl  # noqa: E402
 
 PSI = (2, 3, 2)
 
@@ -30,7 +31,8 @@ def main():
     assert jax.device_count() == 8, jax.devices()
     mt, gen = models.make_networks("small", len(PSI), sum(PSI), sum(PSI), width=4)
     f_opt, g_opt, inner = steps.reference_optimizers(10)
-    trainer = steps.Maxl(mt, gen, PSI, "maxl", f_opt, g_opt, inner_lr=inner)
+    trainer = Maxl(multitask=mt, multitask_optimizer=f_opt, generator=gen, psi=PSI,
+                   generator_optimizer=g_opt, inner_lr=inner)
     state0 = trainer.init(jax.random.PRNGKey(0), (16, 16, 3))
     rng = np.random.default_rng(1)
     batch = {"image": jnp.asarray(rng.normal(size=(32, 16, 16, 3)), jnp.float32),
@@ -39,8 +41,8 @@ def main():
     def run(step_set):
         # A copy: the compiled steps donate their state argument.
         s = step_set.place_state(jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state0))
-        s, m1 = step_set.theta1_step(s, batch)
-        s, m2 = step_set.theta2_step(s, batch)
+        s, m1 = step_set.train_step(s, batch)
+        s, m2 = step_set.meta_step(s, {"train": batch})
         ev = step_set.eval_step(s, batch)
         return jax.device_get((s, m1["loss"], m2["meta_loss"], ev))
 
@@ -50,18 +52,18 @@ def main():
     mesh = parallel.make_mesh()
 
     class ShardMapped:
-        theta1_step = staticmethod(parallel.shard_map_step(trainer.theta1_step, mesh))
-        theta2_step = staticmethod(parallel.shard_map_step(trainer.theta2_step, mesh))
+        theta1_step = staticmethod(parallel.shard_map_step(trainer.train_step, mesh))
+        theta2_step = staticmethod(parallel.shard_map_step(trainer.meta_step, mesh))
         eval_step = staticmethod(parallel.shard_map_step(
             lambda s, b, axis_name: (s, trainer.eval_step(s, b, axis_name)), mesh))
 
     sm_state, sm_l1 = ShardMapped.theta1_step(state0, batch)
-    sm_state, sm_l2 = ShardMapped.theta2_step(sm_state, batch)
+    sm_state, sm_l2 = ShardMapped.theta2_step(sm_state, {"train": batch})
     _, sm_ev = ShardMapped.eval_step(sm_state, batch)
     shard_mapped = jax.device_get((sm_state, sm_l1["loss"], sm_l2["meta_loss"], sm_ev))
 
     # The bare meta-gradient too, on 8 devices via shard_map.
-    f_vars, g_vars = state0.multitask_variables, state0.generator_variables
+    f_vars, g_vars = state0.multitask_variables, Maxl.generator_variables(state0)
     mg1 = jax.jit(lambda x, y: maxl.meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI).grad)(
         batch["image"], batch["primary"])
     mg8 = jax.jit(jax.shard_map(
@@ -75,13 +77,14 @@ def main():
         s = result[0]
         moved = jax.tree_util.tree_map(
             lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
-            (s.multitask_params, s.multitask_batch_stats, s.generator_params, s.generator_batch_stats),
-            (state0.multitask_params, state0.multitask_batch_stats, state0.generator_params,
-             state0.generator_batch_stats))
+            (s.multitask_params, s.multitask_batch_stats, s.method_state["params"],
+             s.method_state["batch_stats"]),
+            (state0.multitask_params, state0.multitask_batch_stats, state0.method_state["params"],
+             state0.method_state["batch_stats"]))
         return moved, result[1:]
 
     try:
-        parallel.DataParallelSteps(trainer, (16, 16, 3), mesh).theta1_step(
+        parallel.DataParallelSteps(trainer, (16, 16, 3), mesh).train_step(
             state0, {"image": batch["image"][:12], "primary": batch["primary"][:12]})
         indivisible_error = None
     except ValueError as e:

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from maxl_jax import models, parallel, steps
+from maxl_jax.methods import AuxTask
+from maxl_jax.methods.equal import Random
+from maxl_jax.methods.maxl import Maxl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,7 +55,11 @@ PSI = (2, 2)
 def tiny_trainer(method="maxl"):
     mt, gen = models.make_networks("small", 2, 4, 4, width=2, head_width=8)
     f_opt, g_opt, inner = steps.reference_optimizers(5)
-    return steps.Maxl(mt, gen, PSI, method, f_opt, g_opt, inner_lr=inner)
+    if method == "random":
+        return Random(multitask=mt, multitask_optimizer=f_opt,
+                      aux_tasks=(AuxTask("random", PSI),), weights=(1.0,))
+    return Maxl(multitask=mt, multitask_optimizer=f_opt, generator=gen, psi=PSI,
+                generator_optimizer=g_opt, inner_lr=inner)
 
 
 def make_batch(seed, n=8, aux=False):
@@ -66,13 +73,13 @@ def make_batch(seed, n=8, aux=False):
 
 def test_steps_trace_once_across_repeated_calls():
     trainer = tiny_trainer()
-    theta1 = chex.assert_max_traces(trainer.theta1_step, n=1)
-    theta2 = chex.assert_max_traces(trainer.theta2_step, n=1)
+    theta1 = chex.assert_max_traces(trainer.train_step, n=1)
+    theta2 = chex.assert_max_traces(trainer.meta_step, n=1)
     j1, j2 = jax.jit(theta1, donate_argnums=0), jax.jit(theta2, donate_argnums=0)
     state = trainer.init(jax.random.PRNGKey(0), (12, 12, 1))
     for seed in range(3):  # new data, new step counters and learning rates: no retrace
         state, _ = j1(state, make_batch(seed))
-        state, _ = j2(state, make_batch(seed + 10))
+        state, _ = j2(state, {"train": make_batch(seed + 10)})
     assert int(state.step) == 3 and int(state.meta_step) == 3
 
 
@@ -91,7 +98,7 @@ def test_bad_batches_raise_a_clear_error(batch, match):
     compiled = parallel.DataParallelSteps(tiny_trainer(), (12, 12, 1))
     state = compiled.place_state(tiny_trainer().init(jax.random.PRNGKey(0), (12, 12, 1)))
     with pytest.raises(ValueError, match=match):
-        compiled.theta1_step(state, batch)
+        compiled.train_step(state, batch)
 
 
 def test_human_and_random_batches_need_aux_labels():
@@ -99,8 +106,8 @@ def test_human_and_random_batches_need_aux_labels():
     compiled = parallel.DataParallelSteps(trainer, (12, 12, 1))
     state = compiled.place_state(trainer.init(jax.random.PRNGKey(0), (12, 12, 1)))
     with pytest.raises(ValueError, match="missing 'aux'"):
-        compiled.theta1_step(state, make_batch(0))
-    state, metrics = compiled.theta1_step(state, make_batch(0, aux=True))
+        compiled.train_step(state, make_batch(0))
+    state, metrics = compiled.train_step(state, make_batch(0, aux=True))
     assert np.isfinite(float(metrics["auxiliary_loss"])) and float(metrics["auxiliary_loss"]) > 0
 
 

@@ -26,7 +26,7 @@ def test_study_config_sets_method_psi_data_and_seed():
 
 def test_table_reports_mean_and_sample_std_over_seeds():
     runs = [{"seed": s, "epochs": 3, "last_k": 1, "final_test_accuracy": a, "best_test_accuracy": a,
-             "last_k_mean_test_accuracy": a, "wall_time_s": 10.0} for s, a in enumerate([0.8, 0.9])]
+             "last_k_mean_test_accuracy": a, "train_time_s": 10.0} for s, a in enumerate([0.8, 0.9])]
     other = [{**r, "final_test_accuracy": r["final_test_accuracy"] + d}
              for r, d in zip(runs, [0.01, 0.03])]
     md = study.table("fmnist10_low", {"single": runs, "maxl_psi_5": other})

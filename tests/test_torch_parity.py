@@ -4,13 +4,13 @@ Same initial weights (the reference's initialisation drawn by the torch port and
 Flax layout; structure checked against ``Maxl.init``) and the same batch must give, in float32, the
 same:
 
-* primary and auxiliary losses of the theta1 step (``steps.Maxl.theta1_step``),
+* primary and auxiliary losses of the theta1 step (``Maxl.train_step``),
 * theta1 update (the new parameters after one SGD step, and the step ``new - old`` itself),
 * BatchNorm running statistics of f and g after the theta1 step (PyTorch updates the running
   variance with the unbiased batch variance; so does our ``models.BatchNorm``),
 * theta2 meta-gradient w.r.t. every generator parameter (``maxl.meta_gradient``, both forms
   ``"reverse"`` and ``"forward_over_reverse"``), the meta objective and its parts,
-* theta2 update of g (``steps.Maxl.theta2_step``: SGD lr 1e-3 with L2 weight decay 5e-4) and the
+* theta2 update of g (``Maxl.meta_step``: SGD lr 1e-3 with L2 weight decay 5e-4) and the
   running statistics after it (``-m slow``, with the ``xla`` conv variant: each adds a compilation).
 
 "Relative error" is ``||jax - torch|| / ||torch||`` per parameter tensor (``|jax - torch| / |torch|``
@@ -49,6 +49,7 @@ torch = pytest.importorskip(
 tr = pytest.importorskip("benchmarks.torch_reference")
 
 from maxl_jax import maxl, models, steps  # noqa: E402
+from maxl_jax.methods.maxl import Maxl  # noqa: E402
 from maxl_jax.train_state import TrainState  # noqa: E402
 
 FILTERS = (8, 8, 16, 16, 16)
@@ -119,10 +120,11 @@ def _networks(conv_impl):
 def _maxl(conv_impl, meta_form="reverse"):
     f, g = _networks(conv_impl)
     f_opt, g_opt, inner_lr = steps.reference_optimizers(steps_per_epoch=500)
-    return steps.Maxl(f, g, PSI, "maxl", f_opt, g_opt, inner_lr=inner_lr, meta_form=meta_form)
+    return Maxl(multitask=f, multitask_optimizer=f_opt, generator=g, psi=PSI,
+                generator_optimizer=g_opt, inner_lr=inner_lr, meta_form=meta_form)
 
 
-def _init_state(m: steps.Maxl, seed: int = 0):
+def _init_state(m: Maxl, seed: int = 0):
     """A fresh ``TrainState`` of ``m`` with the reference's initial weights, drawn by the torch port
     (``torch_reference.build``: Xavier-uniform f, Xavier-normal g) and converted to Flax layout.
 
@@ -141,9 +143,11 @@ def _init_state(m: steps.Maxl, seed: int = 0):
                           else rs.normal(0, 0.1, v.shape)).astype(np.float32), tree)
     f_stats, g_stats = perturb(f_stats), perturb(g_stats)
     template = jax.eval_shape(lambda k: m.init(k, (32, 32, 3)), jax.random.key(seed))
-    for name, got in [("multitask_params", f_params), ("multitask_batch_stats", f_stats),
-                      ("generator_params", g_params), ("generator_batch_stats", g_stats)]:
-        want = getattr(template, name)
+    for name, got, want in [
+            ("multitask_params", f_params, template.multitask_params),
+            ("multitask_batch_stats", f_stats, template.multitask_batch_stats),
+            ("generator params", g_params, template.method_state["params"]),
+            ("generator batch_stats", g_stats, template.method_state["batch_stats"])]:
         assert (jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)), name
         assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(got),
                                                        jax.tree_util.tree_leaves(want))), name
@@ -153,8 +157,9 @@ def _init_state(m: steps.Maxl, seed: int = 0):
         step=jnp.zeros((), jnp.int32), meta_step=jnp.zeros((), jnp.int32),
         multitask_params=f_params, multitask_batch_stats=f_stats,
         multitask_opt_state=m.multitask_optimizer.init(f_params),
-        generator_params=g_params, generator_batch_stats=g_stats,
-        generator_opt_state=m.generator_optimizer.init(g_params), rng=jax.random.key(seed))
+        method_state={"params": g_params, "batch_stats": g_stats,
+                      "opt_state": m.generator_optimizer.init(g_params)},
+        rng=jax.random.key(seed))
 
 
 def make_setup(conv_impl: str, weight_seed: int = WEIGHT_SEED, batch_seed: int = BATCH_SEED):
@@ -166,19 +171,19 @@ def make_setup(conv_impl: str, weight_seed: int = WEIGHT_SEED, batch_seed: int =
     return m, state, {"image": x, "primary": y}
 
 
-def jax_results(m: steps.Maxl, state, batch) -> dict:
+def jax_results(m: Maxl, state, batch) -> dict:
     """Everything the tests compare, from one compiled XLA program (one compilation instead of four:
-    compiling dominates this test's time): eval-mode outputs, ``m.theta1_step`` and
+    compiling dominates this test's time): eval-mode outputs, ``m.train_step`` and
     ``maxl.meta_gradient`` in both forms."""
     def everything(state, batch):
         pri, aux = m.multitask.apply(state.multitask_variables, batch["image"], False)
-        labels, _ = maxl.generate_labels(m.generator, state.generator_variables, batch["image"],
+        labels, _ = maxl.generate_labels(m.generator, m.generator_variables(state), batch["image"],
                                          batch["primary"], PSI, train=False)
         out = {"eval": (jax.nn.softmax(pri), jax.nn.softmax(aux), labels),
-               "theta1": m.theta1_step(state, batch)}
+               "theta1": m.train_step(state, batch)}
         for form in FORMS:
             out[form] = maxl.meta_gradient(
-                m.multitask, m.generator, state.multitask_variables, state.generator_variables,
+                m.multitask, m.generator, state.multitask_variables, m.generator_variables(state),
                 batch["image"], batch["primary"], PSI, inner_lr=0.01, entropy_weight=0.2,
                 form=form)
         return out
@@ -209,7 +214,7 @@ def setup(request):
 
 def _torch_inputs(state, batch):
     fp, fs = tr.flax_to_torch(state.multitask_params, state.multitask_batch_stats)
-    gp, gs = tr.flax_to_torch(state.generator_params, state.generator_batch_stats)
+    gp, gs = tr.flax_to_torch(state.method_state["params"], state.method_state["batch_stats"])
     x = tr.images_from_nhwc(batch["image"])
     y = torch.tensor(np.asarray(batch["primary"]), dtype=torch.int64)
     return fp, fs, gp, gs, x, y
@@ -308,7 +313,8 @@ def test_theta1_step_matches_torch(setup, torch_theta1):
 
     # BatchNorm running statistics of f (and of g, whose train-mode forward also updates them)
     assert_tree_close(_flat(new_state.multitask_batch_stats), _stats_flat(fs), "f running stats")
-    assert_tree_close(_flat(new_state.generator_batch_stats), _stats_flat(gs), "g running stats")
+    assert_tree_close(_flat(new_state.method_state["batch_stats"]), _stats_flat(gs),
+                      "g running stats")
     # ... and their update from the initial statistics (momentum 0.1, unbiased variance)
     old_s = _flat(state.multitask_batch_stats)
     assert_tree_close({k: v - old_s[k] for k, v in _flat(new_state.multitask_batch_stats).items()},
@@ -367,16 +373,18 @@ def test_meta_gradient_matches_torch(setup, torch_theta2, form):
 
 @pytest.mark.slow
 def test_theta2_step_matches_torch(setup, torch_theta2):
-    """The full generator update (SGD 1e-3, weight decay 5e-4) of ``Maxl.theta2_step`` (``-m slow``:
+    """The full generator update (SGD 1e-3, weight decay 5e-4) of ``Maxl.meta_step`` (``-m slow``:
     one more compilation; the meta-gradient itself is checked above)."""
     conv_impl, _, state, batch, _ = setup
     out, fs, gs = torch_theta2
     m = _maxl(conv_impl, "forward_over_reverse")
-    new_state, metrics = jax.jit(m.theta2_step).lower(state, batch).compile(
-        compiler_options=COMPILER_OPTIONS)(state, batch)
+    batches = {"train": batch}
+    new_state, metrics = jax.jit(m.meta_step).lower(state, batches).compile(
+        compiler_options=COMPILER_OPTIONS)(state, batches)
     assert_scalar_close(metrics["meta_loss"], out["meta_loss"], "meta objective")
-    old = _flat(state.generator_params)
-    new_jax, new_torch = _flat(new_state.generator_params), _torch_flat(out["gparams"])
+    old = _flat(state.method_state["params"])
+    new_jax = _flat(new_state.method_state["params"])
+    new_torch = _torch_flat(out["gparams"])
     assert_tree_close(new_jax, new_torch, "theta2 after one step")
     # the step -1e-3 * (grad + 5e-4 * theta2) is ~1e-5 of theta2, so in float32 new - old carries
     # few significant digits on either side: per tensor, allow 1e-4 of the step (of the whole tree's
@@ -390,4 +398,4 @@ def test_theta2_step_matches_torch(setup, torch_theta2):
         ulp = np.spacing(np.abs(old[k]).astype(np.float32)).astype(np.float64)
         assert np.linalg.norm(d_jax[k] - d_torch[k]) <= RTOL * scale + 2 * np.linalg.norm(ulp), k
     assert_tree_close(_flat(new_state.multitask_batch_stats), _stats_flat(fs), "f stats")
-    assert_tree_close(_flat(new_state.generator_batch_stats), _stats_flat(gs), "g stats")
+    assert_tree_close(_flat(new_state.method_state["batch_stats"]), _stats_flat(gs), "g stats")

@@ -39,7 +39,7 @@ def run(config, workdir, **kw):
 
 def flat_params(state):
     leaves = jax.tree_util.tree_leaves((state.multitask_params, state.multitask_batch_stats,
-                                        state.generator_params, state.generator_batch_stats))
+                                        state.method_state))
     return np.concatenate([np.ravel(np.asarray(x)) for x in leaves])
 
 
@@ -58,7 +58,7 @@ def test_one_epoch_of_each_baseline_runs_and_writes_its_outputs(method, tmp_path
 def test_maxl_runs_and_reports_the_meta_step(maxl_run):
     workdir, summary = maxl_run
     records = check_outputs(summary, workdir, epochs=2, meta=True)
-    t2 = records[-1]["theta2"]
+    t2 = records[-1]["meta"]
     for key in ("meta_loss", "primary_before", "primary_after", "grad_norm", "label_entropy"):
         assert np.isfinite(t2[key]), key
     usage = records[-1]["label_usage"]
@@ -69,7 +69,7 @@ def test_maxl_runs_and_reports_the_meta_step(maxl_run):
 def check_outputs(summary, workdir, epochs, meta):
     records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(epochs))
-    assert all(("theta2" in r) == meta for r in records)
+    assert all(("meta" in r) == meta for r in records)
     assert 0.0 <= summary["final_test_accuracy"] <= 1.0
     saved = json.loads((workdir / "summary.json").read_text())
     assert saved["final_test_accuracy"] == summary["final_test_accuracy"]
@@ -81,31 +81,36 @@ def check_outputs(summary, workdir, epochs, meta):
 
 def test_a_resumed_run_ends_with_the_same_parameters(maxl_run, tmp_path, monkeypatch):
     _, uninterrupted = maxl_run
-    original = train._Passes.__init__
+    original = train._Compiled.compile
     calls = {"n": 0}
 
-    def interrupting_init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        theta2 = self.theta2
+    def compile_then_interrupt(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        meta = self.meta
 
-        def theta2_then_interrupt(*a):
+        def meta_then_interrupt(*a):
             calls["n"] += 1
             if calls["n"] == 5:  # mid-way through pass B of the second epoch
-                raise KeyboardInterrupt("simulated kill")
-            return theta2(*a)
+                raise KeyboardInterrupt("simulated Ctrl-C")
+            return meta(*a)
 
-        self.theta2 = theta2_then_interrupt
+        self.meta = meta_then_interrupt
+        return out
 
-    monkeypatch.setattr(train._Passes, "__init__", interrupting_init)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(train._Compiled, "compile", compile_then_interrupt)
+    with pytest.raises(train.Interrupted):
         run(tiny_config(method="maxl"), tmp_path)
-    monkeypatch.setattr(train._Passes, "__init__", original)
+    monkeypatch.setattr(train._Compiled, "compile", original)
     resumed = run(tiny_config(method="maxl"), tmp_path)
     a, b = flat_params(resumed["state"]), flat_params(uninterrupted["state"])
     assert np.max(np.abs(a - b)) <= 1e-6 * max(1.0, np.max(np.abs(b)))
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
     assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+    # The resumed epoch's training metrics cover the whole epoch, as uninterrupted.
+    reference = [json.loads(l) for l in (maxl_run[0] / "metrics.jsonl").read_text().splitlines()]
+    for kind in ("train", "meta"):
+        assert records[1][kind] == reference[1][kind], kind
 
 
 def test_a_checkpoint_of_another_run_is_refused_and_kept(maxl_run, tmp_path):
@@ -158,7 +163,7 @@ def test_an_indivisible_batch_is_rejected(tmp_path, monkeypatch):
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_quantity(tmp_path):
-    with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|primary_loss|auxiliary_loss|grad_norm|update_norm)=(nan|inf|-inf).* at theta1 step \d+ \(epoch 0\)"):
+    with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|primary_loss|grad_norm|update_norm|param_norm)=(nan|inf|-inf).* at train step \d+ \(epoch 1\)"):
         run(tiny_config(method="single", lr=1e30, epochs=1), tmp_path)
 
 
@@ -174,7 +179,7 @@ def test_on_real_fashion_mnist_the_loss_falls_and_accuracy_beats_chance(tmp_path
     config.max_steps_per_epoch, config.lr, config.eval_batch_size = 0, 0.05, 1000
     summary = train.train_and_evaluate(config, tmp_path, progress=False, log=lambda s: None)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["theta1"]["primary_loss"] for r in records]
+    losses = [r["train"]["primary_loss"] for r in records]
     assert losses[-1] < 0.7 * losses[0], losses
     assert summary["final_test_accuracy"] > 0.5  # chance is 0.1 on the 10,000 real test images
 

@@ -5,6 +5,8 @@ Every field can be overridden on the command line, e.g. ``--config.method=single
 
 import ml_collections
 
+from maxl_jax import methods
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -16,9 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train_fraction = 1.0          # stratified fraction of the training set (low-data protocol)
     c.augment = True                # random crop (padding 4) + horizontal flip, as the reference
     # Method and hierarchy.
-    c.method = "maxl"               # single | human | random | maxl
+    c.method = "maxl"               # any of maxl_jax.methods.names(); see the README's method table
     c.psi = ()                      # auxiliary classes per primary class; empty: aux_per_class each
     c.aux_per_class = 5
+    c.aux_tasks = ""                # equal/gcs/olaux/...: "human", "random" or "human,random"
+                                    # (empty: human where the data set has fine labels, else random)
     # Networks.
     c.arch = "vgg16"                # vgg16 | small
     c.width = 0                     # small CNN: first block's filters (0: 32)
@@ -31,17 +35,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator_lr = 1e-3           # theta2: SGD with L2 weight decay
     c.weight_decay = 5e-4
     c.inner_lr = 0.01               # alpha of the differentiated inner step
-    c.decay_every = 50              # all rates halved every 50 epochs
+    c.decay_every = 50              # rates halved from epochs 50, 100, ... (inner alpha: 49, 99, ...)
     c.inner_steps = 1
     c.entropy_weight = 0.2
     c.aux_weight = 1.0
     c.gamma = 2.0                   # focal loss
-    c.meta_form = "reverse"         # reverse | forward_over_reverse
+    c.meta_form = "reverse"         # reverse | forward_over_reverse (exact) | finite_difference
     # Run.
     c.seed = 0
     c.eval_batch_size = 500
     c.max_steps_per_epoch = 0       # 0: the whole training set each epoch
-    c.checkpoint_every_steps = 0    # 0: a checkpoint at the end of each epoch only
+    c.checkpoint_every_steps = 0    # N: also a checkpoint every N steps (training and meta steps)
     c.keep_checkpoints = 3
     c.last_k = 15                   # report the mean test accuracy of the last k epochs
+    # Each method's own settings: --config.<method>.<field>.
+    for name, fields in methods.defaults().items():
+        c[name] = ml_collections.ConfigDict(fields)
     return c
