@@ -89,3 +89,23 @@ class Checkpointer:
         if wait:
             self.wait()
         self.manager.close()
+
+
+def read_state(directory: str | pathlib.Path, step: int | None = None):
+    """The train state saved under ``step`` (default: the newest) in a checkpoint ``directory``, as a
+    pytree of host numpy arrays, whatever device layout wrote it (e.g. to inspect a run, or compare
+    two). ``directory`` is the run's ``checkpoints/`` folder."""
+    directory = pathlib.Path(directory).expanduser().absolute()
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    path = directory / str(steps[-1] if step is None else step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    device = jax.local_devices(backend="cpu")[0]
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(device)),
+        metadata, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    return jax.device_get(checkpointer.restore(path, target))

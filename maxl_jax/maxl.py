@@ -11,6 +11,11 @@ primary classes, ``K = sum(psi)`` auxiliary classes.
   reference), differentiated exactly. BatchNorm uses batch statistics in every forward; only the
   forward at theta1 updates f's running statistics.
 
+WAMAL (weight-aware MAXL) is the same with a generator that also outputs one weight logit ``z`` per
+example (``models.LabelGenerator(weight_head=True)``): ``w = 2^(2 r sigmoid(z) - r)`` in
+``[2^-r, 2^r]`` (``example_weights``) and ``L_aux = mean(w * focal_b)``. Pass ``weight_range=r`` to
+``generate_labels`` and ``meta_gradient``; the meta-gradient then reaches the weight head too.
+
 Every function takes ``axis_name`` for use inside ``shard_map``: batch means and BatchNorm statistics
 are then taken over the whole sharded batch, so results equal the single-device ones.
 """
@@ -29,31 +34,51 @@ from maxl_jax import hierarchy, losses, meta
 PyTree = Any
 
 
+def example_weights(weight_logits: jax.Array, weight_range: float, normalize: bool = False,
+                    axis_name: str | None = None) -> jax.Array:
+    """WAMAL's per-example auxiliary weights ``w = 2^(2 r sigmoid(z) - r)``, in ``[2^-r, 2^r]``.
+
+    With ``normalize`` the weights are divided by their batch mean (the authors' optional
+    normalisation; the range no longer holds then). ``weight_logits``: ``(B,)``; returns ``(B,)``.
+    """
+    w = jnp.exp2(2.0 * weight_range * jax.nn.sigmoid(weight_logits) - weight_range)
+    return w / losses.batch_mean(w, axis_name) if normalize else w
+
+
 def generate_labels(generator: nn.Module, gen_variables: PyTree, x: jax.Array, y: jax.Array,
-                    psi: Sequence[int], *, train: bool = True, axis_name: str | None = None):
+                    psi: Sequence[int], *, train: bool = True, axis_name: str | None = None,
+                    weight_range: float | None = None, normalize_weights: bool = False):
     """Soft auxiliary labels ``(B, sum(psi))`` and g's updated BatchNorm statistics.
 
     In train mode (the reference's setting) BatchNorm uses batch statistics and the running statistics
-    are updated; in eval mode the running statistics are used and returned unchanged.
+    are updated; in eval mode the running statistics are used and returned unchanged. With
+    ``weight_range`` (WAMAL; the generator has a weight head) the labels are ``(soft, w)`` with ``w``
+    the ``(B,)`` per-example auxiliary weights of ``example_weights``.
     """
     if train:
-        logits, updated = generator.apply(gen_variables, x, True, axis_name,
-                                          mutable=["batch_stats"])
+        out, updated = generator.apply(gen_variables, x, True, axis_name, mutable=["batch_stats"])
         stats = updated["batch_stats"]
     else:
-        logits = generator.apply(gen_variables, x, False)
+        out = generator.apply(gen_variables, x, False)
         stats = gen_variables["batch_stats"]
-    return losses.mask_softmax(logits, y, psi), stats
+    if weight_range is None:
+        return losses.mask_softmax(out, y, psi), stats
+    logits, weight_logits = out
+    weights = example_weights(weight_logits, weight_range, normalize_weights, axis_name)
+    return (losses.mask_softmax(logits, y, psi), weights), stats
 
 
 def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array,
                    y: jax.Array, aux_targets: jax.Array | None, *, aux_weight: float = 1.0,
-                   gamma: float = 2.0, axis_name: str | None = None):
+                   gamma: float = 2.0, axis_name: str | None = None,
+                   aux_example_weights: jax.Array | None = None):
     """``L_pri + aux_weight * L_aux`` of f in train mode (batch statistics).
 
     Args:
       aux_targets: ``(B, K_aux)`` one-hot or soft auxiliary targets, or ``None`` for single-task
         training (``L_pri`` alone).
+      aux_example_weights: ``(B,)`` per-example weights of the auxiliary loss (WAMAL):
+        ``L_aux = mean(w * focal_b)``; ``None``: unweighted.
     Returns:
       ``(loss, (new_batch_stats, parts))`` with ``parts`` holding ``primary``, ``auxiliary`` (0 for
       single-task) and ``primary_logits``.
@@ -64,8 +89,13 @@ def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x:
     if aux_targets is None:
         auxiliary = jnp.zeros_like(primary)
         total = primary
-    else:
+    elif aux_example_weights is None:
         auxiliary = losses.focal_loss(aux_logits, aux_targets, gamma, axis_name)
+        total = primary + aux_weight * auxiliary
+    else:
+        per_example = losses.focal_loss_per_example(jax.nn.log_softmax(aux_logits, -1),
+                                                    aux_targets, gamma)
+        auxiliary = losses.batch_mean(aux_example_weights * per_example, axis_name)
         total = primary + aux_weight * auxiliary
     parts = {"primary": primary, "auxiliary": auxiliary, "primary_logits": primary_logits}
     return total, (updated["batch_stats"], parts)
@@ -81,6 +111,7 @@ class MaxlMetaGradient(NamedTuple):
     generator_batch_stats: PyTree
     soft_labels: jax.Array
     metrics: dict
+    example_weights: jax.Array | None = None  # WAMAL's (B,) auxiliary weights, else None
 
 
 def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variables: PyTree,
@@ -88,13 +119,18 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
                   inner_optimizer: optax.GradientTransformation | None = None,
                   inner_lr: float | jax.Array = 0.01, inner_steps: int = 1,
                   entropy_weight: float = 0.2, aux_weight: float = 1.0, gamma: float = 2.0,
-                  form: str = "reverse", axis_name: str | None = None) -> MaxlMetaGradient:
+                  form: str = "reverse", axis_name: str | None = None,
+                  weight_range: float | None = None,
+                  normalize_weights: bool = False) -> MaxlMetaGradient:
     """Exact gradient w.r.t. theta2 of ``L_pri(f(x; theta1+)) + entropy_weight * H(g(x; theta2))``.
 
     ``theta1+`` comes from ``inner_steps`` updates of ``inner_optimizer`` (default: plain SGD with
     step ``inner_lr``, as the reference) on ``L_pri + aux_weight * L_aux``. The derivative goes
     through the inner update (second order) into the soft labels ``s``; ``jax.vjp`` of the generator
     then carries it to theta2. ``form`` picks the estimator for ``d L_meta / d s`` (see ``meta``).
+    With ``weight_range`` (WAMAL) the generator also gives per-example weights ``w``: the inner loss
+    is ``L_pri + aux_weight * mean(w * focal_b)`` and the derivative reaches the weight head through
+    ``w`` as well.
 
     Args:
       multitask_variables / generator_variables: ``{'params', 'batch_stats'}`` of f and g.
@@ -105,18 +141,23 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
         inner_optimizer = optax.sgd(inner_lr)
 
     def labels_of(gen_params):
-        return generate_labels(generator, {"params": gen_params,
-                                           "batch_stats": generator_variables["batch_stats"]},
-                               x, y, psi, train=True, axis_name=axis_name)
+        out, stats = generate_labels(
+            generator, {"params": gen_params, "batch_stats": generator_variables["batch_stats"]},
+            x, y, psi, train=True, axis_name=axis_name, weight_range=weight_range,
+            normalize_weights=normalize_weights)
+        return (out if weight_range is not None else (out, None)), stats
 
-    soft, labels_vjp, gen_stats = jax.vjp(labels_of, generator_variables["params"], has_aux=True)
+    (soft, weights), labels_vjp, gen_stats = jax.vjp(labels_of, generator_variables["params"],
+                                                     has_aux=True)
     mt_stats = multitask_variables["batch_stats"]
 
-    def inner_loss(params, s):
+    def inner_loss(params, labels):
+        s, w = labels
         return multitask_loss(multitask, params, mt_stats, x, y, s, aux_weight=aux_weight,
-                              gamma=gamma, axis_name=axis_name)
+                              gamma=gamma, axis_name=axis_name, aux_example_weights=w)
 
-    def outer_loss(params_plus, s):
+    def outer_loss(params_plus, labels):
+        s, _ = labels
         # Batch statistics at theta1+; its running-statistics update is discarded (as the reference).
         primary_logits, _ = multitask.apply({"params": params_plus, "batch_stats": mt_stats}, x,
                                             True, axis_name, mutable=["batch_stats"])[0]
@@ -125,8 +166,8 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
         return primary + entropy_weight * entropy, {"primary_after": primary, "entropy": entropy,
                                                     "primary_logits_after": primary_logits}
 
-    result = meta.meta_gradient(inner_loss, outer_loss, multitask_variables["params"], soft,
-                                inner_optimizer, steps=inner_steps, form=form)
+    result = meta.meta_gradient(inner_loss, outer_loss, multitask_variables["params"],
+                                (soft, weights), inner_optimizer, steps=inner_steps, form=form)
     (grad,) = labels_vjp(result.grad_hyper)
     new_mt_stats, parts = result.inner_aux
     metrics = {
@@ -137,7 +178,8 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
         "accuracy_after": losses.accuracy(result.outer_aux["primary_logits_after"], y, axis_name),
         "entropy_term": result.outer_aux["entropy"],
     }
-    return MaxlMetaGradient(grad, result.outer_loss, new_mt_stats, gen_stats, soft, metrics)
+    return MaxlMetaGradient(grad, result.outer_loss, new_mt_stats, gen_stats, soft, metrics,
+                            weights)
 
 
 def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:

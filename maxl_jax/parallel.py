@@ -148,8 +148,8 @@ class DataParallelSteps:
         if set(batches) != set(sources):
             raise ValueError(f"the meta step of {self.method.name!r} takes batches "
                              f"{list(sources)}, got {sorted(batches)}")
-        for batch in batches.values():
-            self._check(batch)
+        for source, batch in batches.items():  # training batches carry the auxiliary labels
+            self._check(batch, self.method.aux_tasks if source != "held_out" else ())
         return self._meta(state, batches)
 
     def eval_step(self, state: TrainState, batch: dict):

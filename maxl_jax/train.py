@@ -319,6 +319,11 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     method = methods.build(config, setup_of(config, dataset, steps_per_epoch))
     schedule = method.schedule
     events = schedule.events(steps_per_epoch)
+    if schedule.has_meta and not schedule.meta_steps_per_epoch(steps_per_epoch):
+        raise ValueError(
+            f"method {method.name!r} takes a meta step every {schedule.every} training steps but an "
+            f"epoch has {steps_per_epoch}: it would never run. Lower "
+            f"--config.{method.name}.every to at most {steps_per_epoch}.")
 
     rep = parallel.replicated(mesh)
     data = {"train": _device_split(train_split, method, config.seed, rep)}

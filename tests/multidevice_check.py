@@ -1,8 +1,9 @@
 """Run as a script with 8 fake CPU devices (set before JAX starts): the same steps on 1 device, on 8
-devices through jit + NamedSharding, and on 8 devices through shard_map with axis_name.
+devices through jit + NamedSharding, and on 8 devices through shard_map with axis_name; and every
+registered method's training and meta steps on 1 and 8 devices.
 
-Prints one JSON line: the largest relative difference against the 1-device result for each path.
-Used by tests/test_parallel.py in a subprocess.
+Prints one JSON line: the largest relative difference against the 1-device result for each path
+(``methods``: per method). Used by tests/test_parallel.py in a subprocess.
 """
 
 import json
@@ -15,7 +16,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from maxl_jax import maxl, models, parallel, steps  # noqa: E402
+from experiments.configs import tiny  # noqa: E402
+from maxl_jax import maxl, methods, models, parallel, steps  # noqa: E402
 from maxl_jax.methods.maxl import Maxl  # noqa: E402
 
 PSI = (2, 3, 2)
@@ -83,6 +85,8 @@ def main():
              state0.method_state["batch_stats"]))
         return moved, result[1:]
 
+    per_method = {name: every_method(name, mesh, batch) for name in methods.names()}
+
     try:
         parallel.DataParallelSteps(trainer, (16, 16, 3), mesh).train_step(
             state0, {"image": batch["image"][:12], "primary": batch["primary"][:12]})
@@ -98,7 +102,50 @@ def main():
         "indivisible_batch_error": indivisible_error,
         "meta_gradient_shard_map": rel_diff(mg8, mg1),
         "meta_gradient_norm": float(steps.global_norm(mg1)),
+        "methods": per_method,
     }))
+
+
+def every_method(name: str, mesh, batch) -> dict:
+    """One training step and (if any) one meta step of method ``name`` on 1 and on 8 devices: the
+    relative difference of what they changed, and the size of the change."""
+    config = tiny.get_config()
+    config.method, config.width, config.aux_tasks = name, 2, "human,random"
+    setup = methods.Setup(num_primary=len(PSI), psi_human=PSI, steps_per_epoch=10, dataset="test")
+    method = methods.build(config, setup)
+    state0 = method.init(jax.random.PRNGKey(1), (16, 16, 3))
+    rng = np.random.default_rng(2)
+    primary = np.asarray(batch["primary"])
+
+    def labels(psi):  # a class inside each example's block of psi
+        psi = np.asarray(psi)
+        starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
+        return starts[primary] + rng.integers(0, 99, len(primary)) % psi[primary]
+
+    aux = (np.stack([labels(t.psi) for t in method.aux_tasks], 1) if method.aux_tasks else None)
+    train_batch = dict(batch, **({"aux": jnp.asarray(aux, jnp.int32)} if aux is not None else {}))
+    meta_batches = {s: (train_batch if s == "same" else
+                        {k: jnp.roll(v, 5, axis=0) for k, v in train_batch.items()})
+                    for s in method.schedule.sources}
+
+    def run(step_set):
+        s = step_set.place_state(jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state0))
+        s, _ = step_set.train_step(s, train_batch)
+        if method.has_meta:
+            s, _ = step_set.meta_step(s, meta_batches)
+        return jax.device_get(s)
+
+    def moved(s):
+        return jax.tree_util.tree_map(
+            lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+            (s.multitask_params, s.multitask_batch_stats, s.method_state),
+            (state0.multitask_params, state0.multitask_batch_stats, state0.method_state))
+
+    one = moved(run(parallel.DataParallelSteps(method, (16, 16, 3),
+                                               parallel.make_mesh(jax.devices()[:1]))))
+    eight = moved(run(parallel.DataParallelSteps(method, (16, 16, 3), mesh)))
+    size = float(np.sqrt(sum(np.sum(x ** 2) for x in jax.tree_util.tree_leaves(one))))
+    return {"rel_diff": rel_diff(eight, one), "update_norm": size}
 
 
 if __name__ == "__main__":

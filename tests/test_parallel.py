@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxl_jax import models, parallel, steps
+from maxl_jax import methods, models, parallel, steps
 from maxl_jax.methods import AuxTask
 from maxl_jax.methods.equal import Random
 from maxl_jax.methods.maxl import Maxl
@@ -42,6 +42,13 @@ def test_shard_map_with_axis_name_equals_1_device(multidevice):
 def test_meta_gradient_inside_shard_map_equals_1_device(multidevice):
     assert multidevice["meta_gradient_norm"] > 1e-6
     assert multidevice["meta_gradient_shard_map"] < 1e-6
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_every_methods_steps_on_8_devices_equal_1_device(multidevice, name):
+    result = multidevice["methods"][name]
+    assert result["update_norm"] > 1e-4  # the steps changed the state
+    assert result["rel_diff"] < 1e-5, result
 
 
 def test_indivisible_batch_is_rejected_before_compilation(multidevice):

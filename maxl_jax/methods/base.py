@@ -267,6 +267,27 @@ class Method:
         return losses.focal_loss_per_example(jax.nn.log_softmax(primary_logits, -1), one_hot,
                                              self.gamma)
 
+    def task_gradients(self, params: PyTree, batch_stats: PyTree, batch: Batch,
+                       axis_name: str | None = None):
+        """Each task's loss and gradient separately, from one forward pass.
+
+        Returns ``(task_losses (1 + T,), grads, new_batch_stats, primary_logits)``: entry 0 is the
+        primary task, entries 1.. the auxiliary tasks of ``aux_tasks``; every leaf of ``grads`` has
+        a leading axis of ``1 + T`` (one reverse pass per task, batched with ``vmap``).
+        """
+        targets = self.data_targets(batch)
+
+        def task_losses(p):
+            logits, aux_logits, stats = self.forward(p, batch_stats, batch["image"], axis_name)
+            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name)
+            aux = losses.batch_mean(losses.task_focal_losses(aux_logits, targets, self.aux_sizes,
+                                                             self.gamma), axis_name)
+            return jnp.concatenate([primary[None], aux]), (stats, logits)
+
+        values, vjp, (stats, logits) = jax.vjp(task_losses, params, has_aux=True)
+        grads = jax.vmap(lambda c: vjp(c)[0])(jnp.eye(values.shape[0], dtype=values.dtype))
+        return values, grads, stats, logits
+
     def update_multitask(self, state: TrainState, grads: PyTree, batch_stats: PyTree,
                          **replace) -> tuple[TrainState, dict]:
         """Applies ``grads`` to theta1 with the multi-task optimizer; counts one training step."""
@@ -279,10 +300,22 @@ class Method:
         return new_state, norms
 
 
-def shared_mask(params: PyTree) -> PyTree:
-    """``True`` for the multi-task network's shared parameters (the backbone), ``False`` for its
-    heads: the parameters over which gradient-similarity methods compare tasks."""
-    return {k: jax.tree_util.tree_map(lambda _: k == "backbone", v) for k, v in params.items()}
+def shared_dots(grads: PyTree) -> jax.Array:
+    """``(1 + T, 1 + T)`` inner products of the task gradients ``grads`` (leading axis: tasks) over
+    the multi-task network's shared parameters (its backbone; the heads are task-specific)."""
+    leaves = [g.reshape(g.shape[0], -1) for g in jax.tree_util.tree_leaves(grads["backbone"])]
+    flat = jnp.concatenate(leaves, axis=1)
+    return flat @ flat.T
+
+
+def combine_task_gradients(grads: PyTree, shared_weights: jax.Array,
+                           head_weights: jax.Array) -> PyTree:
+    """``sum_t weight_t grad_t``: with ``shared_weights (1 + T,)`` on the backbone and
+    ``head_weights (1 + T,)`` on the heads."""
+    def combine(path, g):
+        w = shared_weights if path[0].key == "backbone" else head_weights
+        return jnp.tensordot(w.astype(g.dtype), g, axes=1)
+    return jax.tree_util.tree_map_with_path(combine, grads)
 
 
 # ----------------------------------------------------------------- building blocks of from_config
