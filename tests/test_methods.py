@@ -14,8 +14,6 @@ behavioural property that can fail.
   ``L_A(theta*(phi))`` in test_estimators.py.) Its combiners stay monotone.
 """
 
-import functools
-
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -178,7 +176,6 @@ def test_olaux_raises_the_weight_of_an_auxiliary_loss_aligned_with_the_primary()
 
 # ---------------------------------------------------------------------------------------- WAMAL
 
-@functools.lru_cache(maxsize=None)
 def wamal_setup():
     mt, gen = networks(sum(PSI), weight_head=True)
     m = Wamal(multitask=mt, multitask_optimizer=optax.sgd(0.01), generator=gen, psi=PSI,

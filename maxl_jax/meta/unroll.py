@@ -144,6 +144,11 @@ def one_step_meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: PyTre
     params_plus, update_vjp = jax.vjp(update, g)
     (out_loss, out_aux), (d_params_plus, d_hyper) = jax.value_and_grad(
         outer_loss, argnums=(0, 1), has_aux=True)(params_plus, hyper)
+    # Materialise grad L_out(theta+) before it feeds the mixed term: without this barrier, XLA:CPU
+    # (jaxlib 0.10.2, every optimisation level) miscompiled the forward-over-reverse meta-gradient
+    # of the small CNN at width 16-32, batch 100, into inf/NaN, while the same jaxpr evaluated op by
+    # op was right (tests/test_maxl.py checks that size).
+    d_params_plus = jax.lax.optimization_barrier(d_params_plus)
     (w,) = update_vjp(d_params_plus)
 
     def grad_hyper_at(p):
