@@ -10,6 +10,7 @@ Thin glue: flags in, ``maxl_jax.train.train_and_evaluate`` out. Examples::
 
 import os
 import pathlib
+import runpy
 import signal
 import sys
 
@@ -17,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maxl_jax import data as data_lib
-from maxl_jax import methods, train
+from maxl_jax import methods, train, validation
 from maxl_jax.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,6 +50,7 @@ def main(argv):
     if _METHOD.value:
         config.method = _METHOD.value
     show_traceback = _TRACEBACK.value or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
+    warn_ignored(config)
     try:
         summary = train.train_and_evaluate(config, _WORKDIR.value, xla=_XLA.value,
                                            progress=_PROGRESS.value)
@@ -69,6 +71,20 @@ def main(argv):
           f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), mean of last "
           f"{summary['last_k']} {summary['last_k_mean_test_accuracy']:.4f}; "
           f"{summary['train_time_s']:.0f} s of training. Results in {_WORKDIR.value}")
+
+
+def warn_ignored(config) -> None:
+    """Warns about settings given on the command line that the chosen method does not read."""
+    try:
+        base = runpy.run_path(flags.FLAGS["config"].config_filename)["get_config"]()
+        method_cls = methods.get(config.method)
+    except Exception:  # noqa: BLE001 - a warning only; the run validates the config itself
+        return
+    ignored = validation.ignored_settings(config, base, method_cls)
+    if ignored:
+        print(f"Warning: method {config.method!r} does not use "
+              + ", ".join(f"--config.{f}" for f in ignored) + "; they have no effect.",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 
-from maxl_jax import hierarchy, losses, meta
+from maxl_jax import hierarchy, losses, meta, validation
 
 PyTree = Any
 
@@ -120,8 +121,8 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
                   inner_lr: float | jax.Array = 0.01, inner_steps: int = 1,
                   entropy_weight: float = 0.2, aux_weight: float = 1.0, gamma: float = 2.0,
                   form: str = "reverse", axis_name: str | None = None,
-                  weight_range: float | None = None,
-                  normalize_weights: bool = False) -> MaxlMetaGradient:
+                  weight_range: float | None = None, normalize_weights: bool = False,
+                  validate: bool = True) -> MaxlMetaGradient:
     """Exact gradient w.r.t. theta2 of ``L_pri(f(x; theta1+)) + entropy_weight * H(g(x; theta2))``.
 
     ``theta1+`` comes from ``inner_steps`` updates of ``inner_optimizer`` (default: plain SGD with
@@ -134,9 +135,17 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
 
     Args:
       multitask_variables / generator_variables: ``{'params', 'batch_stats'}`` of f and g.
-      x: ``(B, H, W, C)`` images; y: ``(B,)`` primary labels.
+      x: ``(B, H, W, C)`` float images; y: ``(B,)`` int primary labels in ``[0, len(psi))``.
+      validate: check ``x``, ``y`` and ``psi`` against the networks first (``ValueError`` naming
+        the argument); label values are checked when concrete (outside ``jit``). ``False`` skips it.
     """
     psi = hierarchy.validate_psi(psi)
+    if validate:
+        validation.check_hierarchy(psi, multitask.num_primary,
+                                   {"the multi-task network's auxiliary head": multitask.num_auxiliary,
+                                    "the label generator": generator.num_auxiliary})
+        validation.check_images(x, "x (images)")
+        validation.check_labels(y, len(psi), "y (primary labels)", batch=np.shape(x)[0])
     if inner_optimizer is None:
         inner_optimizer = optax.sgd(inner_lr)
 

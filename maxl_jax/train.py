@@ -26,11 +26,16 @@ and ``learning_curves.png``.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
+import os
 import pathlib
+import shutil
 import signal
+import socket
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -41,7 +46,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxl_jax import data as data_lib
-from maxl_jax import hierarchy, methods, parallel
+from maxl_jax import hierarchy, methods, parallel, validation
 from maxl_jax.checkpoint import Checkpointer, CheckpointError
 from maxl_jax.methods.base import Method
 from maxl_jax.train_state import TrainState
@@ -279,11 +284,84 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
       Interrupted: on SIGINT / SIGTERM, after saving a checkpoint.
       NonFiniteError: when a checked quantity becomes NaN or inf (the last finite checkpoint kept).
     """
+    validation.validate_config(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    if not xla:
-        with jax.disable_jit():
-            return _train(config, workdir, progress, log, compile_ahead=False)
-    return _train(config, workdir, progress, log, compile_ahead=True)
+    created = not workdir.exists()
+    try:
+        with WorkdirLock(workdir):
+            if not xla:
+                with jax.disable_jit():
+                    return _train(config, workdir, progress, log, compile_ahead=False)
+            return _train(config, workdir, progress, log, compile_ahead=True)
+    except BaseException:
+        if created:
+            _remove_if_empty(workdir)
+        raise
+
+
+class WorkdirLock:
+    """One writer per workdir: an exclusive ``flock`` on ``<workdir>/.maxl.lock`` (released by the
+    kernel when the process dies, however it dies). A second process is refused with a message
+    naming the first."""
+
+    NAME = ".maxl.lock"
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = workdir / self.NAME
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise validation.ConfigError(
+                f"cannot use {self.path.parent} as the workdir ({type(e).__name__}: {e}); choose "
+                f"another --workdir") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise validation.ConfigError(
+                f"the workdir {self.path.parent} is in use by {holder}: two runs cannot write one "
+                f"workdir. Wait for it to finish (or stop it), or use another --workdir.") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()} on {socket.gethostname()}, started "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:200]})\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def _remove_if_empty(workdir: pathlib.Path) -> None:
+    """Removes a workdir this run created if the run left nothing in it (a failed start)."""
+    if not workdir.is_dir():
+        return
+    leftovers = [p for p in workdir.rglob("*") if p.is_file() and p.name != WorkdirLock.NAME]
+    if not leftovers:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fault(point: str, value) -> None:
+    """Fault injection for the reliability tests: ``MAXL_FAULT="point:value[=SIGNAL],..."`` makes the
+    process send itself SIGKILL (or the named signal, e.g. ``=INT``) when it reaches that point.
+    Points: ``event`` (the run's N-th step, counted from 1 over all epochs), ``saved`` (just after
+    the checkpoint of step N), ``eval`` (during epoch N's evaluation, 1-based), ``record`` (just
+    after epoch N's record is written)."""
+    for entry in os.environ.get("MAXL_FAULT", "").split(","):
+        where, _, sig = entry.partition("=")
+        if where == f"{point}:{value}":
+            sys.stdout.flush()
+            os.kill(os.getpid(), getattr(signal, f"SIG{sig}") if sig else signal.SIGKILL)
 
 
 def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bool) -> dict:
@@ -339,11 +417,11 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     state = state.replace(sums=jax.device_put(zero_sums, rep))
     ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, method, held_ident),
                         config.keep_checkpoints)
-    workdir.mkdir(parents=True, exist_ok=True)
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        log(f"Resumed from {ckpt.directory}/{ckpt.latest_step()}: step {int(state.step)}, meta "
-            f"step {int(state.meta_step)}")
+        state = ckpt.restore(state, step=config.get("resume_step") or None,
+                             fallback=bool(config.get("resume_from_intact", False)), log=log)
+        log(f"Resumed from {ckpt.directory}: step {int(state.step)}, meta step "
+            f"{int(state.meta_step)}")
 
     start_epoch, offset = divmod(int(state.step) + int(state.meta_step), len(events))
     expected = start_epoch * steps_per_epoch + sum(k == "train" for k, _ in events[:offset])
@@ -360,7 +438,9 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         sums = jax.device_get(state.sums)
         means = {kind: _means(sums[kind], sums[kind + "_count"])
                  for kind in ("train", "meta") if kind in sums and sums[kind + "_count"] > 0}
-        test_sums = jax.device_get(compiled.evaluate(state, test, eval_idx))
+        test_sums = compiled.evaluate(state, test, eval_idx)
+        _fault("eval", epoch + 1)
+        test_sums = jax.device_get(test_sums)
         record: dict[str, Any] = {"epoch": epoch, **means}
         record["test"] = {"accuracy": float(test_sums["correct"] / test_sums["count"]),
                           "loss": float(test_sums["loss_sum"] / test_sums["count"])}
@@ -375,9 +455,15 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         records.append(finish_epoch(start_epoch - 1, state, None, None))
         log(f"Rebuilt the record of epoch {start_epoch} from the checkpoint")
     _write_records(metrics_path, records)
+    lost = sorted(set(range(start_epoch)) - {r["epoch"] for r in records})
+    if lost:
+        log(f"Warning: {metrics_path} has no record of epoch(s) {[e + 1 for e in lost]} (the file "
+            f"was edited or deleted); they cannot be rebuilt, and summary.json will list them as "
+            f"missing.")
     if start_epoch >= config.epochs:
         ckpt.close()
         return _complete(config, workdir, records, state, steps_per_epoch, log)
+    ckpt.ensure_writable()
     t_compile = compiled.compile(state, data, example_train, example_meta, test, eval_idx)
     if t_compile:
         log(f"Compiled the steps in {t_compile:.1f} s")
@@ -400,7 +486,9 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
 
     def save(s: TrainState, pending):
         check(pending)  # never save a state derived from a non-finite step
-        ckpt.save(counters["train"] + counters["meta"], s)
+        step = counters["train"] + counters["meta"]
+        ckpt.save(step, s)
+        _fault("saved", step)
 
     pending = None
     counters = {"train": int(state.step), "meta": int(state.meta_step)}
@@ -431,6 +519,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
                     bar.update(1)
                 if every_events and (epoch * len(events) + e + 1) % every_events == 0:
                     save(state, pending)
+                _fault("event", epoch * len(events) + e + 1)
                 if stop["signal"] is not None:
                     raise _interrupt(stop["signal"])
             check(pending)
@@ -441,6 +530,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
                                   trained * config.batch_size / max(elapsed, 1e-9))
             records.append(record)
             _append_record(metrics_path, record)
+            _fault("record", epoch + 1)
             log(_epoch_line(record, config.epochs, method))
             save(state, pending)
             if stop["signal"] is not None:
@@ -456,7 +546,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         ckpt.close()
         raise Interrupted(signum, f"Interrupted: {where}; run the same command to resume.") from None
     except BaseException:
-        ckpt.close(wait=False)
+        ckpt.close()
         raise
     finally:
         for sig, old in handlers.items():
@@ -554,24 +644,43 @@ def _to_json(x):
 
 
 def _read_records(path: pathlib.Path, keep_before: int) -> list[dict]:
+    """The records of epochs before ``keep_before``. A torn last line (a write cut by a kill) is
+    dropped; a damaged line elsewhere is an error naming it."""
     if not path.exists():
         return []
+    lines = path.read_text().splitlines()
     records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            if rec["epoch"] < keep_before:
-                records.append(rec)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the last record's write was cut off: that epoch is redone or rebuilt
+            raise validation.ConfigError(
+                f"{path} line {number} is not a JSON record: the file was damaged. Restore it, or "
+                f"delete the damaged line to have the run redo or rebuild what it can.") from None
+        if rec.get("epoch", 1 << 30) < keep_before:
+            records.append(rec)
     return records
 
 
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_records(path: pathlib.Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _append_record(path: pathlib.Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _epoch_line(r: dict, epochs: int, method: Method) -> str:
@@ -588,7 +697,7 @@ def _epoch_line(r: dict, epochs: int, method: Method) -> str:
 
 def _finish(config, workdir, records, state, steps_per_epoch) -> dict:
     summary = summarize(records, config, steps_per_epoch)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
     plot_learning_curves(records, workdir / "learning_curves.png",
                          methods.get(config.method).report,
                          title=f"{config.method} on {config.dataset} ({config.arch})")
@@ -619,6 +728,8 @@ def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
     ips = [r.get("train_images_per_sec") for r in records]
     ips = [x for x in ips if x is not None]
     best = int(np.argmax(acc)) if acc else None
+    done = [r["epoch"] for r in records]
+    missing = sorted(set(range(max(done) + 1)) - set(done)) if done else []
     return {
         "method": config.method, "dataset": config.dataset, "arch": config.arch,
         "seed": config.seed, "epochs": len(records), "steps_per_epoch": steps_per_epoch,
@@ -627,6 +738,7 @@ def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
         "best_epoch": records[best]["epoch"] + 1 if acc else None,
         "last_k": k, "last_k_mean_test_accuracy": float(np.mean(acc[-k:])) if k else None,
         "test_accuracy": acc,
+        "complete": not missing, "missing_epochs": [m + 1 for m in missing],
         "train_time_s": float(sum(r.get("epoch_time") or 0.0 for r in records)),
         "train_images_per_sec": float(np.median(ips)) if ips else None,
         "config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config),

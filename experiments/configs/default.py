@@ -46,7 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.max_steps_per_epoch = 0       # 0: the whole training set each epoch
     c.checkpoint_every_steps = 0    # N: also a checkpoint every N steps (training and meta steps)
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3          # >= 1: the newest checkpoints kept
+    c.resume_step = 0               # N: resume from the checkpoint of step N (0: the newest)
+    c.resume_from_intact = False    # if the newest checkpoint is damaged, resume from the newest
+                                    # intact one (moving the damaged ones to damaged_checkpoints/)
     c.last_k = 15                   # report the mean test accuracy of the last k epochs
     # Each method's own settings: --config.<method>.<field>.
     for name, fields in methods.defaults().items():

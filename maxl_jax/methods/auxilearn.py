@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxl_jax import hierarchy, losses, maxl, meta, models, steps
+from maxl_jax import hierarchy, losses, maxl, meta, models, steps, validation
 from maxl_jax.methods import base
 from maxl_jax.methods import register
 from maxl_jax.methods.equal import default_tasks
@@ -147,6 +147,37 @@ class AuxiLearn(base.Method):
         return {"combiner": "linear", "hidden": "10,10", "every": 30, "held_out_fraction": 0.05,
                 "meta_lr": 1e-3, "meta_momentum": 0.9, "meta_weight_decay": 5e-3, "clip": 10.0,
                 "solver": "neumann", "terms": 3, "scale_by_alpha": False}
+
+    @classmethod
+    def check_fields(cls, fields) -> None:
+        where = f"{cls.name}."
+        if "combiner" in fields and fields.combiner not in COMBINERS:
+            raise validation.ConfigError(f"--config.{where}combiner={fields.combiner!r} is not one "
+                                         f"of {COMBINERS}")
+        if "hidden" in fields:
+            try:
+                hidden = [int(h) for h in str(fields.hidden).split(",")]
+            except ValueError:
+                hidden = [0]
+            if not hidden or min(hidden) < 1:
+                raise validation.ConfigError(
+                    f"--config.{where}hidden={fields.hidden!r} is not a comma-separated list of "
+                    f"layer sizes >= 1 (e.g. '10,10')")
+        if fields.solver not in meta.SOLVERS:
+            raise validation.ConfigError(f"--config.{where}solver={fields.solver!r} is not one of "
+                                         f"{meta.SOLVERS}")
+        validation.check_range("every", fields.every, "int", 1, prefix=where)
+        validation.check_range("held_out_fraction", fields.held_out_fraction, "float", 0.0, False,
+                               high=0.9, prefix=where)
+        validation.check_range("meta_lr", fields.meta_lr, "float", 0.0, False, prefix=where)
+        validation.check_range("meta_momentum", fields.meta_momentum, "float", 0.0, high=0.999,
+                               prefix=where)
+        validation.check_range("meta_weight_decay", fields.meta_weight_decay, "float", 0.0,
+                               prefix=where)
+        validation.check_range("clip", fields.clip, "float", 0.0, False, prefix=where)
+        validation.check_range("terms", fields.terms, "int", 0, prefix=where)
+        if "aux_scale" in fields:
+            validation.check_range("aux_scale", fields.aux_scale, "float", 0.0, prefix=where)
 
     @classmethod
     def held_out_fraction_of(cls, config) -> float:

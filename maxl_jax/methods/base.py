@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxl_jax import hierarchy, losses, models, steps
+from maxl_jax import hierarchy, losses, models, steps, validation
 from maxl_jax.train_state import TrainState
 
 PyTree = Any
@@ -170,6 +170,34 @@ class Method:
 
     #: Shared (top-level) config fields the method reads, besides the ones every method reads.
     config_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Checks the method's own config fields against the types of ``defaults()`` (raises
+        ``validation.ConfigError``); methods add their ranges by overriding ``check_fields``."""
+        own = cls.defaults()
+        if not own:
+            return
+        sub = config.get(cls.name) if cls.name in config else None
+        if sub is None:
+            raise validation.ConfigError(f"the config has no section {cls.name!r} for the method's "
+                                         f"settings {sorted(own)}")
+        for key, default in own.items():
+            value = sub.get(key)
+            where = f"--config.{cls.name}.{key}={value!r}"
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise validation.ConfigError(f"{where} is not True or False")
+            elif isinstance(default, (int, float)):
+                validation.check_range(key, value, "int" if isinstance(default, int) else "float",
+                                       None, prefix=f"{cls.name}.")
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise validation.ConfigError(f"{where} is not a string")
+        cls.check_fields(sub)
+
+    @classmethod
+    def check_fields(cls, fields) -> None:
+        """Ranges of the method's own fields (``--config.<name>.*``); none by default."""
 
     @classmethod
     def held_out_fraction_of(cls, config) -> float:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxl_jax import hierarchy, losses, maxl, models, steps
+from maxl_jax import hierarchy, losses, maxl, models, steps, validation
 from maxl_jax.meta import FORMS
 from maxl_jax.methods import base
 from maxl_jax.methods import register
@@ -74,6 +74,13 @@ class Maxl(base.Method):
                              f"sum(psi) = {sum(self.psi)}")
         if self.meta_form not in FORMS:
             raise ValueError(f"unknown meta_form {self.meta_form!r}; choose one of {FORMS}")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.get("meta_form") not in FORMS:
+            raise validation.ConfigError(f"--config.meta_form={config.get('meta_form')!r} is not "
+                                         f"one of {FORMS}")
+        super().validate_config(config)
 
     @classmethod
     def from_config(cls, config, setup: base.Setup):

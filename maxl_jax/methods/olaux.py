@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from maxl_jax import losses, steps
+from maxl_jax import losses, steps, validation
 from maxl_jax.methods import base
 from maxl_jax.methods import register
 from maxl_jax.methods.equal import default_tasks
@@ -63,6 +63,11 @@ class OlAux(base.Method):
     @classmethod
     def defaults(cls) -> dict:
         return {"every": 5, "beta": 1.0}
+
+    @classmethod
+    def check_fields(cls, fields) -> None:
+        validation.check_range("every", fields.every, "int", 1, prefix="olaux.")
+        validation.check_range("beta", fields.beta, "float", 0.0, prefix="olaux.")
 
     @classmethod
     def from_config(cls, config, setup: base.Setup):

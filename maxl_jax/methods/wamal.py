@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from maxl_jax import losses, maxl, steps
+from maxl_jax import losses, maxl, steps, validation
 from maxl_jax.methods import base
 from maxl_jax.methods import register
 from maxl_jax.methods.maxl import Maxl
@@ -63,6 +63,11 @@ class Wamal(Maxl):
     @classmethod
     def defaults(cls) -> dict:
         return {"weight_range": 5.0, "normalize_weights": False}
+
+    @classmethod
+    def check_fields(cls, fields) -> None:
+        validation.check_range("weight_range", fields.weight_range, "float", 0.0, False,
+                               prefix="wamal.")
 
     @classmethod
     def from_config(cls, config, setup: base.Setup):

@@ -1,0 +1,168 @@
+"""Checks of what users give us, before anything is compiled or written: a run's configuration, and
+the arrays passed to the public pure functions. Every failure is a ``ConfigError`` or ``ValueError``
+whose message names the setting or argument, the value, and what would be valid.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A configuration value out of its range, of the wrong type, or one the method cannot use."""
+
+
+# field -> (kind, lower bound, inclusive): "int" / "float" / "bool" / "str".
+_RANGES: dict[str, tuple[str, float | None, bool]] = {
+    "epochs": ("int", 1, True),
+    "batch_size": ("int", 1, True),
+    "eval_batch_size": ("int", 1, True),
+    "lr": ("float", 0.0, False),
+    "generator_lr": ("float", 0.0, False),
+    "inner_lr": ("float", 0.0, True),
+    "weight_decay": ("float", 0.0, True),
+    "decay_every": ("int", 1, True),
+    "inner_steps": ("int", 1, True),
+    "entropy_weight": ("float", 0.0, True),
+    "aux_weight": ("float", 0.0, True),
+    "gamma": ("float", 0.0, True),
+    "aux_per_class": ("int", 1, True),
+    "seed": ("int", 0, True),
+    "max_steps_per_epoch": ("int", 0, True),
+    "checkpoint_every_steps": ("int", 0, True),
+    "keep_checkpoints": ("int", 1, True),
+    "last_k": ("int", 1, True),
+    "width": ("int", 0, True),
+    "head_width": ("int", 0, True),
+    "train_fraction": ("float", 0.0, False),
+}
+
+_HINTS = {
+    "epochs": "train at least one epoch",
+    "keep_checkpoints": "keep at least the final checkpoint",
+    "max_steps_per_epoch": "0 means the whole training set each epoch",
+    "checkpoint_every_steps": "0 means a checkpoint at the end of each epoch only",
+    "width": "0 means the architecture's default",
+    "head_width": "0 means the architecture's default",
+    "inner_lr": "0 turns the meta step's look-ahead off",
+}
+
+
+def _number(name: str, value: Any, kind: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"--config.{name}={value!r} is not a number; it needs "
+                          f"{'an integer' if kind == 'int' else 'a number'}")
+    if kind == "int" and float(value) != int(value):
+        raise ConfigError(f"--config.{name}={value!r} is not an integer")
+    if not np.isfinite(float(value)):
+        raise ConfigError(f"--config.{name}={value!r} is not finite")
+    return float(value)
+
+
+def check_range(name: str, value: Any, kind: str, low: float | None, inclusive: bool = True,
+                high: float | None = None, prefix: str = "") -> None:
+    """Raises ``ConfigError`` unless ``value`` is a ``kind`` number in its range."""
+    v = _number(prefix + name, value, kind)
+    bad_low = low is not None and (v < low if inclusive else v <= low)
+    bad_high = high is not None and v > high
+    if bad_low or bad_high:
+        lo = "" if low is None else (f">= {low:g}" if inclusive else f"> {low:g}")
+        hi = "" if high is None else f"<= {high:g}"
+        need = " and ".join(x for x in (lo, hi) if x)
+        hint = _HINTS.get(name)
+        raise ConfigError(f"--config.{prefix}{name}={value!r} is out of range: it must be {need}"
+                          + (f" ({hint})" if hint else ""))
+
+
+def validate_config(config) -> None:
+    """Checks every numeric field of a run's config, and the method's own fields (through the
+    method class's ``validate_config``), raising ``ConfigError`` on the first problem."""
+    from maxl_jax import methods  # the registry imports the methods, which import this module
+
+    for name, (kind, low, inclusive) in _RANGES.items():
+        if name in config:
+            check_range(name, config[name], kind, low, inclusive,
+                        high=1.0 if name == "train_fraction" else None)
+    if "method" in config:
+        try:
+            cls = methods.get(config.method)
+        except ValueError as e:
+            raise ConfigError(f"--method / --config.method: {e}") from None
+        cls.validate_config(config)
+
+
+def ignored_settings(config, base, method_cls) -> list[str]:
+    """The fields of ``config`` changed from ``base`` (the config file's own values) that method
+    ``method_cls`` does not read: settings the user gave that would have no effect."""
+    from maxl_jax import methods
+
+    method_fields = set()
+    for name in methods.names():
+        method_fields |= set(methods.get(name).config_fields)
+    used = set(method_cls.config_fields)
+    out = [f for f in sorted(method_fields - used)
+           if f in config and f in base and _plain(config[f]) != _plain(base[f])]
+    for name, fields in methods.defaults().items():
+        if name == method_cls.name or name not in config or name not in base:
+            continue
+        out += [f"{name}.{k}" for k in sorted(fields)
+                if _plain(config[name][k]) != _plain(base[name][k])]
+    return out
+
+
+def _plain(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+# ----------------------------------------------------------------------------------- arrays
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_images(images, name: str = "images", channels: int | None = None) -> None:
+    """``(B, H, W, C)`` floating images (already normalised)."""
+    shape = np.shape(images)
+    dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
+    if len(shape) != 4:
+        raise ValueError(f"{name} has shape {tuple(shape)}; expected (batch, height, width, "
+                         f"channels)")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} has dtype {dtype}; expected float images, normalised (e.g. "
+                         f"maxl_jax.data.normalize(uint8_images))")
+    if channels is not None and shape[-1] != channels:
+        raise ValueError(f"{name} has {shape[-1]} channels; the network was built for {channels}")
+
+
+def check_labels(labels, num_classes: int, name: str = "labels", batch: int | None = None) -> None:
+    """Integer ``(B,)`` labels in ``[0, num_classes)`` (the range only when the values are concrete,
+    i.e. outside ``jit``)."""
+    shape = np.shape(labels)
+    dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+    if len(shape) != 1 or (batch is not None and shape[0] != batch):
+        raise ValueError(f"{name} has shape {tuple(shape)}; expected ({batch if batch else 'batch'},)")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} has dtype {dtype}; expected integer class labels")
+    if _concrete(labels):
+        values = np.asarray(labels)
+        bad = np.flatnonzero((values < 0) | (values >= num_classes))
+        if bad.size:
+            raise ValueError(f"{name}[{bad[0]}] = {values[bad[0]]} is outside [0, {num_classes}): "
+                             f"the labels index {num_classes} classes")
+
+
+def check_hierarchy(psi: Sequence[int], num_primary: int, heads: Mapping[str, int]) -> None:
+    """``len(psi) == num_primary`` and every named head has ``sum(psi)`` outputs."""
+    if len(psi) != num_primary:
+        raise ValueError(f"psi has {len(psi)} entries but the multi-task network has {num_primary} "
+                         f"primary classes: give one entry per primary class")
+    for name, size in heads.items():
+        if size != sum(psi):
+            raise ValueError(f"{name} has {size} outputs but psi needs sum(psi) = {sum(psi)}: build "
+                             f"the networks with sum(psi) auxiliary classes")
