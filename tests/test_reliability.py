@@ -329,9 +329,9 @@ def test_a_torn_last_record_is_redone_and_a_lost_metrics_file_is_reported(two_ep
 
 
 def test_a_meta_step_that_would_never_run_is_refused(tmp_path):
-    c = tiny_config(method="auxilearn")
+    c = tiny_config(method="auxilearn")  # 64 mock examples, a quarter held out: 2 steps an epoch
     c.auxilearn.every = 30
-    with pytest.raises(ValueError, match=r"every 30 training steps but an epoch has 3: it would "
-                                         r"never run\. Lower --config.auxilearn.every to at most 3"):
+    with pytest.raises(ValueError, match=r"every 30 training steps but an epoch has 2: it would "
+                                         r"never run\. Lower --config.auxilearn.every to at most 2"):
         run_in_process(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
