@@ -2,12 +2,12 @@
 
 * ``python -m experiments.cifar --xla --method=NAME`` trains and writes its outputs;
 * a run stopped after its first epoch and resumed ends with bit-identical parameters and the same
-  ``metrics.jsonl`` (timings aside) as an uninterrupted run;
-* the same run on 8 devices (XLA's fake CPU devices) ends with the same parameters and numbers, up
-  to float rounding.
+  ``metrics.jsonl`` (timings aside) as the uninterrupted command-line run;
+* the main job on 2 and 8 devices (XLA's fake CPU devices) ends with the 1-device numbers, up to
+  float rounding.
 
-Each run is a subprocess (``tests/mock_data_cli.py``); they share a persistent XLA compilation cache,
-so each program compiles once per test session.
+Command-line runs are subprocesses (``tests/mock_data_cli.py``); all runs share the session's
+persistent XLA compilation cache, so each program compiles once.
 """
 
 import json
@@ -19,17 +19,21 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from maxl_jax import methods
+from experiments.configs import tiny
+from maxl_jax import methods, train
 from maxl_jax.checkpoint import read_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from mock_data_cli import NUM_EXAMPLES  # noqa: E402
 TIMINGS = ("epoch_time", "train_images_per_sec")
 
 
 @pytest.fixture(scope="session")
-def compilation_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
+def compilation_cache():
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (tests/conftest.py)
 
 
 def cli(workdir, method, cache, *flags, devices=1):
@@ -63,31 +67,51 @@ def records(workdir) -> list[dict]:
     return out
 
 
+def run_in_process(workdir, method, **overrides):
+    """The same run as ``cli``, through the library in this process (the compiled programs come
+    from the session's cache)."""
+    config = tiny.get_config()
+    config.dataset, config.primary_level, config.method = "cifar100", 20, method
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES,
+                                policy=tfds.testing.MockPolicy.USE_CODE):
+        return train.train_and_evaluate(config, workdir, progress=False, log=lambda s: None)
+
+
 @pytest.mark.parametrize("method", methods.names())
-def test_every_method_runs_from_the_command_line_resumes_exactly_and_matches_on_8_devices(
-        method, tmp_path, compilation_cache):
-    whole, split, eight = tmp_path / "whole", tmp_path / "split", tmp_path / "eight"
+def test_every_method_runs_from_the_command_line_and_resumes_exactly(method, tmp_path,
+                                                                    compilation_cache):
+    whole, split = tmp_path / "whole", tmp_path / "split"
     out = cli(whole, method, compilation_cache)
     assert "epoch    2/2" in out.stdout and "final test accuracy" in out.stdout
     assert (whole / "summary.json").exists() and (whole / "learning_curves.png").exists()
+    assert all(("meta" in r) == methods.get(method).schedule.has_meta for r in records(whole))
 
-    cli(split, method, compilation_cache, "--config.epochs=1")
-    cli(split, method, compilation_cache)  # resumes at the start of epoch 2
+    run_in_process(split, method, epochs=1)
+    summary = run_in_process(split, method)  # resumes at the start of epoch 2
     a, b = final_state(whole), final_state(split)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert records(whole) == records(split)
-    assert all(("meta" in r) == methods.get(method).schedule.has_meta for r in records(whole))
+    assert summary["best_epoch"] == json.loads((whole / "summary.json").read_text())["best_epoch"]
 
-    cli(eight, method, compilation_cache, devices=8)
-    c = final_state(eight)
+
+@pytest.mark.parametrize("method, devices", [("maxl", 8), ("maxl", 2), ("auxilearn", 8)])
+def test_the_main_job_on_several_devices_ends_with_the_1_device_numbers(
+        method, devices, tmp_path, compilation_cache):
+    """The whole loop (data placement, the compiled steps, evaluation in one call, checkpoints) on
+    fake CPU devices. Every method's steps are compared on 1 and 8 devices in test_parallel.py."""
+    one, many = tmp_path / "one", tmp_path / "many"
+    cli(one, method, compilation_cache)
+    cli(many, method, compilation_cache, devices=devices)
+    a, c = final_state(one), final_state(many)
     for key in a:
         if key.startswith(".sums") or not np.issubdtype(a[key].dtype, np.floating):
             continue
         np.testing.assert_allclose(c[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
-    ra, rc = records(whole), records(eight)
-    for x, y in zip(ra, rc):
+    for x, y in zip(records(one), records(many)):
         np.testing.assert_allclose(y["test"]["loss"], x["test"]["loss"], rtol=1e-4)
         np.testing.assert_allclose(y["train"]["primary_loss"], x["train"]["primary_loss"],
                                    rtol=1e-4)

@@ -36,8 +36,8 @@ SUMMARY_TIMINGS = ("train_time_s", "train_images_per_sec")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
+def cache():
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (tests/conftest.py)
 
 
 def cli(workdir, cache, *flags, fault=None, timeout=600):
