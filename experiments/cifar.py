@@ -43,7 +43,7 @@ USER_ERRORS = (ValueError, data_lib.DatasetNotFoundError, data_lib.DatasetCorrup
 
 
 def main(argv):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    logging.set_verbosity(logging.ERROR)  # Orbax logs every save, TFDS every probe of a data dir
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value

@@ -381,33 +381,27 @@ def _tfds_root(data_dir: str | os.PathLike | None) -> str:
     return os.path.expanduser(constants.DATA_DIR)
 
 
-def _not_found_message(name: str, tfds_name: str, data_dir, reason: str | None) -> str:
+def _not_found_message(name: str, tfds_name: str, data_dir, reason: str | None,
+                       archives: Sequence = ()) -> str:
     root = _tfds_root(data_dir)
-    msg = (
-        f"Dataset {name!r} (TFDS {tfds_name!r}) not found in {root!r}: no array_record build there. "
-        f"Prepare it with: `tfds build {tfds_name} --data_dir {root} --file_format array_record` "
-        f"(building needs TensorFlow: `pip install tensorflow`; reading does not), "
-        f"or call load_dataset(..., download=True), which builds it the same way."
-    )
-    if tfds_name == "fashion_mnist":
-        files = ", ".join(n for pair in FASHION_MNIST_FILES.values() for n in pair)
-        msg += (
-            f" Alternatively point data_dir (--data_dir) at a folder holding the four Fashion-MNIST IDX "
-            f"archives ({files}), directly or under downloads/manual/; they are read without TFDS."
-        )
+    msg = f"Dataset {name!r} not found in {root}."
+    if archives:
+        files = ", ".join(a.filename for a in archives)
+        msg += (f" Provide it in one of these ways: run with network access and "
+                f"--config.download=True (the default), which fetches the official archive"
+                f"{'s' if len(archives) > 1 else ''} ({files}) into {root}/downloads and reads "
+                f"{'them' if len(archives) > 1 else 'it'} without TensorFlow; or copy "
+                f"{'them' if len(archives) > 1 else 'it'} there yourself from "
+                f"{archives[0].url.rsplit('/', 1)[0]}/; or point --config.data_dir at a folder "
+                f"holding {'them' if len(archives) > 1 else 'it'}")
+        msg += (f"; or prepare the TFDS build: `tfds build {tfds_name} --data_dir {root} "
+                f"--file_format array_record` (needs TensorFlow).")
+    else:
+        msg += (f" Prepare it with `tfds build {tfds_name} --data_dir {root} --file_format "
+                f"array_record` (needs TensorFlow; reading does not).")
     if reason:
-        msg += f" [TFDS: {reason}]"
+        msg += f" [{reason}]"
     return msg
-
-
-def _tfds_is_prepared(tfds_name: str, data_dir) -> bool:
-    """Whether TFDS finds any prepared version of ``tfds_name`` under ``data_dir`` (any file format)."""
-    import tensorflow_datasets as tfds  # local import: TFDS is heavy
-
-    try:
-        return bool(tfds.builder(tfds_name, data_dir=data_dir).is_prepared())
-    except Exception:  # pylint: disable=broad-except  # only refines an error message
-        return False
 
 
 def _read_all(source, keys: Sequence[str], chunk: int = 2048) -> dict[str, np.ndarray]:
@@ -430,22 +424,94 @@ def _read_all(source, keys: Sequence[str], chunk: int = 2048) -> dict[str, np.nd
     return out
 
 
-def _load_tfds(name: str, tfds_name: str, keys: Sequence[str], data_dir, download: bool) -> dict[str, dict[str, np.ndarray]]:
+def _try_tfds(tfds_name: str, keys: Sequence[str], data_dir):
+    """A prepared TFDS ``array_record`` build of ``tfds_name`` (read without TensorFlow), or
+    ``None`` when there is none (TFDS then raises one of several errors, a ``KeyError`` among them
+    with its default data dir)."""
     import tensorflow_datasets as tfds  # local import: TFDS is heavy
 
     try:
-        sources = tfds.data_source(tfds_name, split=["train", "test"], data_dir=data_dir, download=download)
-    except (NotImplementedError, FileNotFoundError, AssertionError, tfds.core.DatasetNotFoundError) as err:
-        # With nothing prepared, TFDS reports a confusing file-format error: only quote TFDS when
-        # something is there (e.g. a build in the TFRECORD format, which random access cannot read).
-        reason = f"{type(err).__name__}: {err}" if _tfds_is_prepared(tfds_name, data_dir) else None
-        raise DatasetNotFoundError(_not_found_message(name, tfds_name, data_dir, reason)) from err
-    except Exception as err:  # pylint: disable=broad-except
-        if not download:
-            raise
-        reason = f"download=True but preparing failed with {type(err).__name__}: {err}"
-        raise DatasetNotFoundError(_not_found_message(name, tfds_name, data_dir, reason)) from err
+        sources = tfds.data_source(tfds_name, split=["train", "test"], data_dir=data_dir,
+                                   download=False)
+    except Exception:  # noqa: BLE001 - any failure here means "no usable build"
+        return None
     return {split: _read_all(src, keys) for split, src in zip(("train", "test"), sources)}
+
+
+def _archive_path(archive, data_dir) -> pathlib.Path | None:
+    """Where an archive already lies: ``data_dir/<file>``, ``<root>/downloads/<file>`` or
+    ``<root>/downloads/manual/<file>``."""
+    root = pathlib.Path(_tfds_root(data_dir))
+    for folder in (root, root / "downloads", root / "downloads" / "manual"):
+        if (folder / archive.filename).is_file():
+            return folder / archive.filename
+    return None
+
+
+def _fetch_archives(name: str, tfds_name: str, archives, data_dir, download: bool,
+                    progress: bool = True) -> list[pathlib.Path]:
+    """Every archive's verified local path, fetching the missing ones when ``download``."""
+    from maxl_jax import download as dl
+
+    paths = []
+    for archive in archives:
+        path = _archive_path(archive, data_dir)
+        if path is not None:
+            try:
+                dl.verify(path, archive.sha256, archive.size)
+            except dl.DownloadError as err:
+                raise DatasetCorruptError(f"{err}. Delete it to download it again.") from None
+            paths.append(path)
+            continue
+        if not download:
+            raise DatasetNotFoundError(_not_found_message(
+                name, tfds_name, data_dir, "download is off (--config.download=False)", archives))
+        dest = pathlib.Path(_tfds_root(data_dir)) / "downloads" / archive.filename
+        try:
+            paths.append(dl.fetch(dl.url_of(archive), dest, archive.sha256, archive.size,
+                                  progress=progress))
+        except dl.DownloadError as err:
+            raise DatasetNotFoundError(_not_found_message(name, tfds_name, data_dir, str(err),
+                                                          archives)) from None
+    return paths
+
+
+def read_cifar_binary(archive: str | os.PathLike, name: str) -> dict[str, dict[str, np.ndarray]]:
+    """Parses the official CIFAR binary archive (``cifar-10-binary.tar.gz``,
+    ``cifar-100-binary.tar.gz``) without TensorFlow.
+
+    Each record is its label byte(s) (CIFAR-100: coarse, then fine) and 3072 bytes of pixels, the
+    red, green and blue 32x32 planes. Returns ``{"train"|"test": {"image": uint8 (N, 32, 32, 3),
+    "label": int64 (N,)}}`` with the fine label (as TFDS's ``label``).
+    """
+    import tarfile
+
+    n_labels = 2 if name == "cifar100" else 1
+    members = ({"train": ["train.bin"], "test": ["test.bin"]} if name == "cifar100" else
+               {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]})
+    out = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            by_name = {pathlib.PurePosixPath(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            for split, files in members.items():
+                chunks = []
+                for f in files:
+                    if f not in by_name:
+                        raise DatasetCorruptError(f"{archive}: no {f} inside (not the CIFAR binary "
+                                                  f"archive?)")
+                    chunks.append(tar.extractfile(by_name[f]).read())
+                raw = np.frombuffer(b"".join(chunks), np.uint8)
+                record = n_labels + 3072
+                if raw.size % record:
+                    raise DatasetCorruptError(f"{archive}: {split} holds {raw.size} bytes, not a "
+                                              f"whole number of {record}-byte records")
+                raw = raw.reshape(-1, record)
+                out[split] = {"image": raw[:, n_labels:].reshape(-1, 3, 32, 32)
+                              .transpose(0, 2, 3, 1).copy(),
+                              "label": raw[:, n_labels - 1].astype(np.int64)}
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise DatasetCorruptError(f"{archive}: cannot read the archive ({err})") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -496,7 +562,8 @@ def load_dataset(
       train_fraction: in ``(0, 1]``: keep a stratified (per primary class), ``seed``-deterministic
         subset of the training split. The test split is always complete.
       seed: seed of the subset choice.
-      download: let TFDS download and build the data if absent (building needs TensorFlow).
+      download: fetch the official archive(s) when no TFDS build and no archive is found, into
+        ``<data_dir or TFDS's>/downloads`` (resumable, checksum-verified; read without TensorFlow).
 
     Returns:
       A :class:`Dataset`; images uint8 ``(N, H, W, C)``, labels int32 ``(N,)``.
@@ -509,14 +576,24 @@ def load_dataset(
     """
     level = _validate(name, primary_level, train_fraction, seed)
 
+    from maxl_jax import download as dl
+
     if name in ("fashion_mnist", "fashion_mnist_coarse"):
         idx_dir = _find_idx_dir(data_dir)
-        if idx_dir is not None:
-            raw = {s: {"image": im, "label": lb} for s, (im, lb) in load_fashion_mnist_idx(idx_dir).items()}
-        else:
-            raw = _load_tfds(name, "fashion_mnist", ("image", "label"), data_dir, download)
+        raw = None if idx_dir is not None else _try_tfds("fashion_mnist", ("image", "label"),
+                                                         data_dir)
+        if raw is None:
+            if idx_dir is None:
+                paths = _fetch_archives(name, "fashion_mnist", dl.FASHION_MNIST_ARCHIVES, data_dir,
+                                        download)
+                idx_dir = paths[0].parent
+            raw = {s: {"image": im, "label": lb}
+                   for s, (im, lb) in load_fashion_mnist_idx(idx_dir).items()}
     else:
-        raw = _load_tfds(name, name, ("image", "label"), data_dir, download)
+        raw = _try_tfds(name, ("image", "label"), data_dir)
+        if raw is None:
+            (path,) = _fetch_archives(name, name, [dl.ARCHIVES[name]], data_dir, download)
+            raw = read_cifar_binary(path, name)
 
     if name == "cifar100":
         fine_to_primary = _cifar100_fine_to_primary(level)

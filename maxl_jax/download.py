@@ -13,6 +13,7 @@ The CIFAR archives are the binary versions TFDS itself downloads (same URLs and 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import pathlib
 import shutil
@@ -39,7 +40,34 @@ ARCHIVES = {
                         "cifar-100-binary.tar.gz"),
 }
 
+_FMNIST = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+#: The four official Fashion-MNIST archives (the ones TFDS registers for ``fashion_mnist``).
+FASHION_MNIST_ARCHIVES = (
+    Archive(_FMNIST + "train-images-idx3-ubyte.gz", 26421880,
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            "train-images-idx3-ubyte.gz"),
+    Archive(_FMNIST + "train-labels-idx1-ubyte.gz", 29515,
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            "train-labels-idx1-ubyte.gz"),
+    Archive(_FMNIST + "t10k-images-idx3-ubyte.gz", 4422102,
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            "t10k-images-idx3-ubyte.gz"),
+    Archive(_FMNIST + "t10k-labels-idx1-ubyte.gz", 5148,
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+            "t10k-labels-idx1-ubyte.gz"),
+)
+
 CHUNK = 1 << 20
+
+#: Environment variable: a folder URL holding the archives under their official names, used instead
+#: of the official hosts (a local mirror, or an unreachable one in tests).
+MIRROR_ENV = "MAXL_DATA_MIRROR"
+
+
+def url_of(archive: Archive) -> str:
+    """The archive's official URL, or its place on ``$MAXL_DATA_MIRROR`` when that is set."""
+    mirror = os.environ.get(MIRROR_ENV)
+    return f"{mirror.rstrip('/')}/{archive.filename}" if mirror else archive.url
 
 
 class DownloadError(OSError):
@@ -102,15 +130,19 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, size: int | None = Non
             length = response.headers.get("Content-Length")
             total = size or ((start + int(length)) if length else None)
             bar = _bar(total, start, dest.name, progress)
+            received = 0
             try:
                 with open(part, mode) as f:
                     for block in iter(lambda: response.read(CHUNK), b""):
                         f.write(block)
+                        received += len(block)
                         if bar is not None:
                             bar.update(len(block))
-            except OSError as e:
-                raise DownloadError(f"download of {url} interrupted ({e}); run again to resume it "
-                                    f"from {part}") from None
+                if length is not None and received < int(length):
+                    raise OSError(f"the connection closed after {received} of {length} bytes")
+            except (OSError, http.client.HTTPException) as e:
+                raise DownloadError(f"the download of {url} was interrupted ({type(e).__name__}: "
+                                    f"{e}); run again to resume it from {part}") from None
             finally:
                 if bar is not None:
                     bar.close()

@@ -673,7 +673,9 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def _write_records(path: pathlib.Path, records: list[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if not path.exists() or path.read_text() != text:  # a finished run's file is left as it is
+        _write_atomic(path, text)
 
 
 def _append_record(path: pathlib.Path, record: dict) -> None:

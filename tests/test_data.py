@@ -374,7 +374,8 @@ def test_incomplete_idx_set_raises(tmp_path):
 @pytest.mark.parametrize("name,tfds_name", [("cifar100", "cifar100"), ("cifar10", "cifar10"), ("fashion_mnist_coarse", "fashion_mnist")])
 def test_missing_dataset_raises_clear_error(tmp_path, name, tfds_name):
     """Absent data without download: DatasetNotFoundError (a FileNotFoundError) naming the data set,
-    the directory and the `tfds build` command; Fashion-MNIST also names the IDX alternative."""
+    the directory, the official archives to put there, the flag that fetches them and the `tfds
+    build` command."""
     missing = tmp_path / "no_data_here"
     with pytest.raises(D.DatasetNotFoundError) as info:
         D.load_dataset(name, data_dir=str(missing))
@@ -382,9 +383,10 @@ def test_missing_dataset_raises_clear_error(tmp_path, name, tfds_name):
     msg = str(info.value)
     assert name in msg and str(missing) in msg
     assert f"tfds build {tfds_name} --data_dir {missing} --file_format array_record" in msg
-    assert "pip install tensorflow" in msg
-    if tfds_name == "fashion_mnist":
-        assert "train-images-idx3-ubyte.gz" in msg
+    assert "--config.download=True" in msg and f"{missing}/downloads" in msg
+    archive = {"cifar100": "cifar-100-binary.tar.gz", "cifar10": "cifar-10-binary.tar.gz",
+               "fashion_mnist": "train-images-idx3-ubyte.gz"}[tfds_name]
+    assert archive in msg
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from maxl_jax import meta
+from compat import enable_x64
 
 
 def tiny_problem():
@@ -48,7 +49,7 @@ def rel_err(a, b):
 
 
 def test_finite_difference_approaches_the_exact_meta_gradient_as_the_radius_shrinks():
-    with jax.enable_x64(True):
+    with enable_x64():
         params, hyper, inner_loss, outer_loss = tiny_problem()
         opt = optax.sgd(0.5)
         exact = meta.meta_gradient(inner_loss, outer_loss, params, hyper, opt).grad_hyper
@@ -68,7 +69,7 @@ def test_finite_difference_approaches_the_exact_meta_gradient_as_the_radius_shri
 def test_finite_difference_is_the_reference_formula_for_sgd():
     """-alpha [grad_h L_in(theta + eps v) - grad_h L_in(theta - eps v)] / (2 eps), eps = 0.01/||v||,
     v = grad L_out(theta+), plus the direct term; also reachable as meta_gradient's form."""
-    with jax.enable_x64(True):
+    with enable_x64():
         params, hyper, inner_loss, outer_loss = tiny_problem()
         alpha = 0.5
         ours = meta.meta_gradient(inner_loss, outer_loss, params, hyper, optax.sgd(alpha),
@@ -110,7 +111,7 @@ def ridge_problem(d=6):
 
 
 def test_conjugate_gradient_matches_the_analytic_ridge_hypergradient():
-    with jax.enable_x64(True):
+    with enable_x64():
         inner_loss, outer_loss, theta, h, analytic, _ = ridge_problem()
         # The inner problem really is at its optimum: the IFT's premise.
         assert float(jnp.linalg.norm(jax.grad(lambda p: inner_loss(p, h)[0])(theta))) < 1e-12
@@ -122,7 +123,7 @@ def test_conjugate_gradient_matches_the_analytic_ridge_hypergradient():
 
 
 def test_neumann_series_converges_to_the_analytic_ridge_hypergradient_as_terms_grow():
-    with jax.enable_x64(True):
+    with enable_x64():
         inner_loss, outer_loss, theta, h, analytic, hess = ridge_problem()
         alpha = 1.0 / float(np.linalg.eigvalsh(hess).max())
         errors = [rel_err(meta.implicit_gradient(inner_loss, outer_loss, theta, h, solver="neumann",
@@ -181,7 +182,7 @@ def network_problem():
 
 
 def test_implicit_gradient_matches_finite_differences_at_a_tiny_networks_inner_optimum():
-    with jax.enable_x64(True):
+    with enable_x64():
         inner_loss, outer_loss, solve, start = network_problem()
         h = jnp.asarray(0.3)
         theta, grad_norm, eigenvalues = solve(h, start)

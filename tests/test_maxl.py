@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from maxl_jax import losses, maxl, models, steps
+from compat import enable_x64
 
 PSI = (2, 3)
 
@@ -61,7 +62,7 @@ def meta_objective(g_params, opt, steps):
 @pytest.mark.parametrize("opt_name, steps", [("sgd", 1), ("sgd", 2), ("momentum", 1),
                                              ("momentum", 2)])
 def test_meta_gradient_equals_float64_finite_difference_on_a_conv_net(opt_name, steps):
-    with jax.enable_x64(True):
+    with enable_x64():
         mt, gen, f_vars, g_vars, x, y = tiny_setup()
         opt = optax.sgd(0.5) if opt_name == "sgd" else optax.sgd(0.5, momentum=0.9)
         result = jit_meta_gradient(mt, gen, inner_optimizer=opt, inner_steps=steps)(

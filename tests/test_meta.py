@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from maxl_jax import meta
+from compat import enable_x64
 
 INNER_OPTIMIZERS = {
     "sgd": lambda: optax.sgd(0.3),
@@ -52,7 +53,7 @@ def objective(params, hyper, inner_loss, outer_loss, opt, steps):
 @pytest.mark.parametrize("opt_name", sorted(INNER_OPTIMIZERS))
 @pytest.mark.parametrize("steps", [1, 2])
 def test_meta_gradient_equals_float64_central_finite_difference(opt_name, steps):
-    with jax.enable_x64(True):
+    with enable_x64():
         params, hyper, inner_loss, outer_loss = jax.tree_util.tree_map(
             lambda a: a.astype(jnp.float64) if hasattr(a, "dtype") and a.dtype == jnp.float32 else a,
             tiny_problem())
@@ -78,7 +79,7 @@ def test_meta_gradient_equals_float64_central_finite_difference(opt_name, steps)
                                      optax.add_decayed_weights(1e-2), optax.sgd(0.1))],
                          ids=["sgd", "momentum", "adam", "sgd_weight_decay"])
 def test_forward_over_reverse_equals_reverse(opt):
-    with jax.enable_x64(True):
+    with enable_x64():
         params, hyper, inner_loss, outer_loss = jax.tree_util.tree_map(
             lambda a: a.astype(jnp.float64) if hasattr(a, "dtype") and a.dtype == jnp.float32 else a,
             tiny_problem())

@@ -28,6 +28,7 @@ from maxl_jax.methods.auxilearn import (AuxiLearn, AuxiLearnGenerate, clamp_comb
 from maxl_jax.methods.gcs import Gcs, gated_gradient
 from maxl_jax.methods.olaux import OlAux
 from maxl_jax.methods.wamal import Wamal
+from compat import enable_x64
 
 PSI = (2, 3)
 SHAPE = (8, 8, 1)
@@ -118,7 +119,7 @@ def test_gcs_step_applies_the_gated_direction_of_its_task_gradients():
 def test_olaux_products_are_the_one_step_lookahead_derivative_of_the_primary_loss():
     """``d/dw_k L_pri(theta - alpha (g_0 + sum_j w_j g_j)) / (-alpha) -> <g_0, g_k>`` as alpha -> 0,
     by float64 central differences in ``w_k``: the quantity OL-AUX accumulates is that gradient."""
-    with jax.enable_x64(True):
+    with enable_x64():
         tasks = (AuxTask("random", PSI), AuxTask("random", (1, 1)))
         mt, _ = networks(sum(PSI) + 2)
         m = OlAux(multitask=mt, multitask_optimizer=optax.sgd(0.1), aux_tasks=tasks,
@@ -185,7 +186,7 @@ def wamal_setup():
 
 
 def test_wamal_meta_gradient_equals_float64_finite_differences_and_reaches_the_weight_head():
-    with jax.enable_x64(True):
+    with enable_x64():
         m, state, batch = wamal_setup()
         state = to64(state)
         f_vars, g_vars = state.multitask_variables, m.generator_variables(state)
@@ -276,7 +277,7 @@ def fd_implicit_hypergradient(m, state, batches, phi_vec, unravel_phi, build_phi
 
 @pytest.mark.parametrize("combiner", ["linear", "nonlinear"])
 def test_auxilearn_hypergradient_matches_finite_difference_second_derivatives(combiner):
-    with jax.enable_x64(True):
+    with enable_x64():
         tasks = (AuxTask("random", PSI),)
         mt, _ = networks(sum(PSI), width=1, head_width=4)
         m = AuxiLearn(multitask=mt, multitask_optimizer=optax.sgd(0.01), aux_tasks=tasks,
@@ -295,7 +296,7 @@ def test_auxilearn_hypergradient_matches_finite_difference_second_derivatives(co
 
 
 def test_auxilearn_generate_hypergradient_reaches_the_generator_and_matches_finite_differences():
-    with jax.enable_x64(True):
+    with enable_x64():
         mt, gen = networks(sum(PSI), width=1, head_width=4)
         m = AuxiLearnGenerate(multitask=mt, multitask_optimizer=optax.sgd(0.01), generator=gen,
                               psi=PSI, meta_optimizer=optax.sgd(1e-3), alpha=0.3)

@@ -142,8 +142,10 @@ def snapshot(folder: pathlib.Path) -> dict:
 
 def test_a_missing_dataset_names_the_dataset_the_directory_and_the_fix(tmp_path):
     with pytest.raises(data_lib.DatasetNotFoundError, match="cifar100") as e:
-        train.train_and_evaluate(tiny_config(data_dir=str(tmp_path)), tmp_path / "w", progress=False)
+        train.train_and_evaluate(tiny_config(data_dir=str(tmp_path), download=False),
+                                 tmp_path / "w", progress=False)
     assert str(tmp_path) in str(e.value) and "tfds build" in str(e.value)
+    assert not (tmp_path / "w").exists()  # a failed start leaves no workdir
 
 
 @pytest.mark.parametrize("psi, match", [((5, 5), "psi has 2 entries but the primary task has 20"),

@@ -12,8 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Data.
     c.dataset = "cifar100"          # cifar100 | cifar10 | fashion_mnist | fashion_mnist_coarse
-    c.data_dir = ""                 # TFDS data_dir (or a folder with the Fashion-MNIST IDX archives)
-    c.download = False              # let TFDS download and prepare the data (needs tensorflow)
+    c.data_dir = ""                 # TFDS data_dir, or a folder with the data set's official archives
+    c.download = True               # fetch the official archive if absent (no TensorFlow needed)
     c.primary_level = 20            # cifar100 only: 20, 10 or 3 primary classes
     c.train_fraction = 1.0          # stratified fraction of the training set (low-data protocol)
     c.augment = True                # random crop (padding 4) + horizontal flip, as the reference
