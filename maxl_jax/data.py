@@ -654,7 +654,8 @@ def normalize(images_uint8: jax.Array) -> jax.Array:
     return (x - MEAN) / STD
 
 
-def augment(key: jax.Array, images_uint8: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
+def augment(key: jax.Array, images_uint8: jax.Array, *, pad: int = 4, flip: bool = True,
+            valid: int | None = None) -> jax.Array:
     """Random crop from the zero-padded image + random horizontal flip, independently per image.
 
     Equivalent to torchvision ``RandomCrop(H, padding=pad)`` (fill 0 on raw pixels, i.e. before
@@ -666,34 +667,41 @@ def augment(key: jax.Array, images_uint8: jax.Array, *, pad: int = 4, flip: bool
       pad: pixels of zero padding on each side; the crop offset is uniform in ``[0, 2*pad]`` per axis.
         ``pad=0`` disables cropping.
       flip: whether to flip horizontally with probability 0.5.
+      valid: draw the random numbers for the first ``valid`` images only (a batch padded to a
+        multiple of the device count): they then get the crops and flips the unpadded batch of
+        ``valid`` images gets; the padding images are left as they are.
 
     Returns:
       ``(B, H, W, C)``, same dtype as the input.
     """
     x = jnp.asarray(images_uint8)
     b, h, w, c = x.shape
+    n = b if valid is None else valid
     k_crop, k_flip = jax.random.split(key)
     if pad > 0:
         padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         # Drawn flat: XLA:CPU compiles threefry for N-d shapes far more slowly (see models.xavier).
-        offsets = jax.random.randint(k_crop, (2 * b,), 0, 2 * pad + 1).reshape(b, 2)
+        offsets = jax.random.randint(k_crop, (2 * n,), 0, 2 * pad + 1).reshape(n, 2)
+        offsets = jnp.concatenate([offsets, jnp.full((b - n, 2), pad, offsets.dtype)])
 
         def crop(img, off):
             return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
 
         x = jax.vmap(crop)(padded, offsets)
     if flip:
-        do_flip = jax.random.bernoulli(k_flip, 0.5, (b,))
+        do_flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+        do_flip = jnp.concatenate([do_flip, jnp.zeros((b - n,), bool)])
         x = jnp.where(do_flip[:, None, None, None], x[:, :, ::-1, :], x)
     return x
 
 
-def preprocess(key: jax.Array | None, images_uint8: jax.Array, *, train: bool, augment_train: bool = True) -> jax.Array:
+def preprocess(key: jax.Array | None, images_uint8: jax.Array, *, train: bool,
+               augment_train: bool = True, valid: int | None = None) -> jax.Array:
     """Training/eval input transform: ``normalize(augment(key, x))`` if ``train and augment_train``,
     else ``normalize(x)``. ``images_uint8``: ``(B, H, W, C)``; returns float32 ``(B, H, W, C)``.
-    ``key`` may be ``None`` when no augmentation is applied."""
+    ``key`` may be ``None`` when no augmentation is applied; ``valid``: see ``augment``."""
     if train and augment_train:
         if key is None:
             raise ValueError("preprocess(train=True, augment_train=True) needs a PRNG key")
-        images_uint8 = augment(key, images_uint8)
+        images_uint8 = augment(key, images_uint8, valid=valid)
     return normalize(images_uint8)

@@ -2,7 +2,8 @@
 
 Shapes: ``B`` examples, ``K`` classes. Every batch mean takes an optional ``axis_name``: inside a
 ``shard_map``/``pmap`` over that axis the mean is taken over the global batch (``lax.pmean``), so the
-result equals the single-device value.
+result equals the single-device value; and an optional ``mask`` (``(B,)``, 0 for padding examples):
+the mean is then over the real examples alone.
 """
 
 from __future__ import annotations
@@ -19,15 +20,25 @@ from maxl_jax import hierarchy
 LOG_EPS = float(np.log(1e-20))
 
 
-def batch_mean(x: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarray:
-    """Mean over the leading (batch) axis, over all devices of ``axis_name`` when given."""
-    m = jnp.mean(x, axis=0)
-    return m if axis_name is None else jax.lax.pmean(m, axis_name)
+def batch_mean(x: jnp.ndarray, axis_name: str | None = None,
+               mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Mean over the leading (batch) axis, over all devices of ``axis_name`` when given, over the
+    examples with ``mask`` 1 when given."""
+    if mask is None:
+        m = jnp.mean(x, axis=0)
+        return m if axis_name is None else jax.lax.pmean(m, axis_name)
+    w = mask.astype(x.dtype)
+    total = jnp.sum(x * w.reshape((-1,) + (1,) * (x.ndim - 1)), axis=0)
+    count = jnp.sum(w)
+    if axis_name is not None:
+        total, count = jax.lax.psum((total, count), axis_name)
+    return total / count
 
 
-def accuracy(logits: jnp.ndarray, labels: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarray:
+def accuracy(logits: jnp.ndarray, labels: jnp.ndarray, axis_name: str | None = None,
+             mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Top-1 accuracy of ``logits (B, K)`` against int ``labels (B,)``."""
-    return batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis_name)
+    return batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis_name, mask)
 
 
 def log_plus_eps(log_p: jnp.ndarray) -> jnp.ndarray:
@@ -73,26 +84,27 @@ def focal_loss_per_example(log_probs: jnp.ndarray, targets: jnp.ndarray,
 
 
 def focal_loss(logits: jnp.ndarray, targets: jnp.ndarray, gamma: float = 2.0,
-               axis_name: str | None = None) -> jnp.ndarray:
+               axis_name: str | None = None, mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Batch mean of the focal loss of a softmax head with logits ``(B, K)`` and targets ``(B, K)``."""
     return batch_mean(focal_loss_per_example(jax.nn.log_softmax(logits, axis=-1), targets, gamma),
-                      axis_name)
+                      axis_name, mask)
 
 
 def primary_focal_loss(logits: jnp.ndarray, labels: jnp.ndarray, gamma: float = 2.0,
-                       axis_name: str | None = None) -> jnp.ndarray:
+                       axis_name: str | None = None, mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Focal loss against hard labels: int ``labels (B,)``, ``logits (B, K)``."""
     return focal_loss(logits, jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), gamma,
-                      axis_name)
+                      axis_name, mask)
 
 
-def entropy_term(probs: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarray:
+def entropy_term(probs: jnp.ndarray, axis_name: str | None = None,
+                 mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """The generator's anti-collapse term ``H = sum_k pbar_k log(pbar_k + 1e-20)``.
 
     ``pbar = mean over the batch of probs (B, K)``. ``H`` is a negative entropy: it is smallest
     (``-log K``) when ``pbar`` is uniform, so minimising it spreads the batch over all classes.
     """
-    pbar = batch_mean(probs, axis_name)
+    pbar = batch_mean(probs, axis_name, mask)
     return jnp.sum(pbar * jnp.log(pbar + 1e-20))
 
 

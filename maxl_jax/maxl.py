@@ -17,7 +17,9 @@ example (``models.LabelGenerator(weight_head=True)``): ``w = 2^(2 r sigmoid(z) -
 ``generate_labels`` and ``meta_gradient``; the meta-gradient then reaches the weight head too.
 
 Every function takes ``axis_name`` for use inside ``shard_map``: batch means and BatchNorm statistics
-are then taken over the whole sharded batch, so results equal the single-device ones.
+are then taken over the whole sharded batch, so results equal the single-device ones; and ``mask``
+(``(B,)``, 0 for padding): means and BatchNorm statistics then ignore the padding examples, so a batch
+padded to a multiple of the device count gives the unpadded batch's numbers.
 """
 
 from __future__ import annotations
@@ -36,19 +38,20 @@ PyTree = Any
 
 
 def example_weights(weight_logits: jax.Array, weight_range: float, normalize: bool = False,
-                    axis_name: str | None = None) -> jax.Array:
+                    axis_name: str | None = None, mask: jax.Array | None = None) -> jax.Array:
     """WAMAL's per-example auxiliary weights ``w = 2^(2 r sigmoid(z) - r)``, in ``[2^-r, 2^r]``.
 
     With ``normalize`` the weights are divided by their batch mean (the authors' optional
     normalisation; the range no longer holds then). ``weight_logits``: ``(B,)``; returns ``(B,)``.
     """
     w = jnp.exp2(2.0 * weight_range * jax.nn.sigmoid(weight_logits) - weight_range)
-    return w / losses.batch_mean(w, axis_name) if normalize else w
+    return w / losses.batch_mean(w, axis_name, mask) if normalize else w
 
 
 def generate_labels(generator: nn.Module, gen_variables: PyTree, x: jax.Array, y: jax.Array,
                     psi: Sequence[int], *, train: bool = True, axis_name: str | None = None,
-                    weight_range: float | None = None, normalize_weights: bool = False):
+                    weight_range: float | None = None, normalize_weights: bool = False,
+                    mask: jax.Array | None = None):
     """Soft auxiliary labels ``(B, sum(psi))`` and g's updated BatchNorm statistics.
 
     In train mode (the reference's setting) BatchNorm uses batch statistics and the running statistics
@@ -57,7 +60,8 @@ def generate_labels(generator: nn.Module, gen_variables: PyTree, x: jax.Array, y
     the ``(B,)`` per-example auxiliary weights of ``example_weights``.
     """
     if train:
-        out, updated = generator.apply(gen_variables, x, True, axis_name, mutable=["batch_stats"])
+        out, updated = generator.apply(gen_variables, x, True, axis_name, mask,
+                                       mutable=["batch_stats"])
         stats = updated["batch_stats"]
     else:
         out = generator.apply(gen_variables, x, False)
@@ -65,14 +69,14 @@ def generate_labels(generator: nn.Module, gen_variables: PyTree, x: jax.Array, y
     if weight_range is None:
         return losses.mask_softmax(out, y, psi), stats
     logits, weight_logits = out
-    weights = example_weights(weight_logits, weight_range, normalize_weights, axis_name)
+    weights = example_weights(weight_logits, weight_range, normalize_weights, axis_name, mask)
     return (losses.mask_softmax(logits, y, psi), weights), stats
 
 
 def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array,
                    y: jax.Array, aux_targets: jax.Array | None, *, aux_weight: float = 1.0,
                    gamma: float = 2.0, axis_name: str | None = None,
-                   aux_example_weights: jax.Array | None = None):
+                   aux_example_weights: jax.Array | None = None, mask: jax.Array | None = None):
     """``L_pri + aux_weight * L_aux`` of f in train mode (batch statistics).
 
     Args:
@@ -85,18 +89,19 @@ def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x:
       single-task) and ``primary_logits``.
     """
     (primary_logits, aux_logits), updated = multitask.apply(
-        {"params": params, "batch_stats": batch_stats}, x, True, axis_name, mutable=["batch_stats"])
-    primary = losses.primary_focal_loss(primary_logits, y, gamma, axis_name)
+        {"params": params, "batch_stats": batch_stats}, x, True, axis_name, mask,
+        mutable=["batch_stats"])
+    primary = losses.primary_focal_loss(primary_logits, y, gamma, axis_name, mask)
     if aux_targets is None:
         auxiliary = jnp.zeros_like(primary)
         total = primary
     elif aux_example_weights is None:
-        auxiliary = losses.focal_loss(aux_logits, aux_targets, gamma, axis_name)
+        auxiliary = losses.focal_loss(aux_logits, aux_targets, gamma, axis_name, mask)
         total = primary + aux_weight * auxiliary
     else:
         per_example = losses.focal_loss_per_example(jax.nn.log_softmax(aux_logits, -1),
                                                     aux_targets, gamma)
-        auxiliary = losses.batch_mean(aux_example_weights * per_example, axis_name)
+        auxiliary = losses.batch_mean(aux_example_weights * per_example, axis_name, mask)
         total = primary + aux_weight * auxiliary
     parts = {"primary": primary, "auxiliary": auxiliary, "primary_logits": primary_logits}
     return total, (updated["batch_stats"], parts)
@@ -122,7 +127,7 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
                   entropy_weight: float = 0.2, aux_weight: float = 1.0, gamma: float = 2.0,
                   form: str = "reverse", axis_name: str | None = None,
                   weight_range: float | None = None, normalize_weights: bool = False,
-                  validate: bool = True) -> MaxlMetaGradient:
+                  validate: bool = True, mask: jax.Array | None = None) -> MaxlMetaGradient:
     """Exact gradient w.r.t. theta2 of ``L_pri(f(x; theta1+)) + entropy_weight * H(g(x; theta2))``.
 
     ``theta1+`` comes from ``inner_steps`` updates of ``inner_optimizer`` (default: plain SGD with
@@ -153,7 +158,7 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
         out, stats = generate_labels(
             generator, {"params": gen_params, "batch_stats": generator_variables["batch_stats"]},
             x, y, psi, train=True, axis_name=axis_name, weight_range=weight_range,
-            normalize_weights=normalize_weights)
+            normalize_weights=normalize_weights, mask=mask)
         return (out if weight_range is not None else (out, None)), stats
 
     (soft, weights), labels_vjp, gen_stats = jax.vjp(labels_of, generator_variables["params"],
@@ -163,15 +168,15 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
     def inner_loss(params, labels):
         s, w = labels
         return multitask_loss(multitask, params, mt_stats, x, y, s, aux_weight=aux_weight,
-                              gamma=gamma, axis_name=axis_name, aux_example_weights=w)
+                              gamma=gamma, axis_name=axis_name, aux_example_weights=w, mask=mask)
 
     def outer_loss(params_plus, labels):
         s, _ = labels
         # Batch statistics at theta1+; its running-statistics update is discarded (as the reference).
         primary_logits, _ = multitask.apply({"params": params_plus, "batch_stats": mt_stats}, x,
-                                            True, axis_name, mutable=["batch_stats"])[0]
-        primary = losses.primary_focal_loss(primary_logits, y, gamma, axis_name)
-        entropy = losses.entropy_term(s, axis_name)
+                                            True, axis_name, mask, mutable=["batch_stats"])[0]
+        primary = losses.primary_focal_loss(primary_logits, y, gamma, axis_name, mask)
+        entropy = losses.entropy_term(s, axis_name, mask)
         return primary + entropy_weight * entropy, {"primary_after": primary, "entropy": entropy,
                                                     "primary_logits_after": primary_logits}
 
@@ -182,9 +187,10 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
     metrics = {
         "primary_before": parts["primary"],
         "auxiliary_before": parts["auxiliary"],
-        "accuracy_before": losses.accuracy(parts["primary_logits"], y, axis_name),
+        "accuracy_before": losses.accuracy(parts["primary_logits"], y, axis_name, mask),
         "primary_after": result.outer_aux["primary_after"],
-        "accuracy_after": losses.accuracy(result.outer_aux["primary_logits_after"], y, axis_name),
+        "accuracy_after": losses.accuracy(result.outer_aux["primary_logits_after"], y, axis_name,
+                                          mask),
         "entropy_term": result.outer_aux["entropy"],
     }
     return MaxlMetaGradient(grad, result.outer_loss, new_mt_stats, gen_stats, soft, metrics,
@@ -196,7 +202,7 @@ def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def label_statistics(soft: jax.Array, y: jax.Array, psi: Sequence[int],
-                     axis_name: str | None = None) -> dict:
+                     axis_name: str | None = None, mask: jax.Array | None = None) -> dict:
     """Summaries of generated labels ``soft (B, K)`` for primary labels ``y (B,)``.
 
     Returns:
@@ -208,15 +214,20 @@ def label_statistics(soft: jax.Array, y: jax.Array, psi: Sequence[int],
     psi = hierarchy.validate_psi(psi)
     per_example = _entropy(soft)
     one_hot_y = jax.nn.one_hot(y, len(psi), dtype=soft.dtype)
+    if mask is not None:  # padding examples count for nothing
+        w = mask.astype(soft.dtype)
+        one_hot_y, soft_sum = one_hot_y * w[:, None], w @ soft
+    else:
+        soft_sum = jnp.sum(soft, 0)
     sums = {
-        "soft_label_sum": jnp.sum(soft, 0),
+        "soft_label_sum": soft_sum,
         "primary_count": jnp.sum(one_hot_y, 0),
         "label_entropy_sum": one_hot_y.T @ per_example,
     }
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)
-    return {"label_entropy": losses.batch_mean(per_example, axis_name),
-            "usage_entropy": _entropy(losses.batch_mean(soft, axis_name)), **sums}
+    return {"label_entropy": losses.batch_mean(per_example, axis_name, mask),
+            "usage_entropy": _entropy(losses.batch_mean(soft, axis_name, mask)), **sums}
 
 
 def block_usage(soft_label_sum: jax.Array, primary_count: jax.Array, label_entropy_sum: jax.Array,

@@ -69,19 +69,24 @@ class BatchNorm(nn.Module):
     ``momentum`` follows Flax's convention (PyTorch's 0.1 is 0.9 here); the running variance is updated
     with the unbiased batch variance, as PyTorch does. With ``axis_name`` the batch statistics are taken
     over all devices of that axis (synchronised BatchNorm), so a sharded batch matches one device.
+    With ``mask`` (``(B,)``, 0 for padding examples) the statistics are those of the real examples
+    alone, so a batch padded to a multiple of the device count gives the unpadded batch's numbers.
     """
 
     momentum: float = 0.9
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        if train:
+        if train and mask is not None:
+            mean, var, count = _masked_moments(x, mask, axis_name)
+        elif train:
             axes = tuple(range(x.ndim - 1))
             count = x.size // features
             mean = jnp.mean(x, axes)
@@ -91,14 +96,33 @@ class BatchNorm(nn.Module):
             var = jnp.mean(jnp.square(x - mean), axes)
             if axis_name is not None:
                 var = jax.lax.pmean(var, axis_name)
+        if train:
             if not self.is_initializing():
                 m = self.momentum
-                unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
+                bessel = (count / jnp.maximum(count - 1, 1) if isinstance(count, jax.Array)
+                          else count / max(count - 1, 1))
+                unbiased = jax.lax.stop_gradient(var) * bessel
                 ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
                 ra_var.value = m * ra_var.value + (1 - m) * unbiased
         else:
             mean, var = ra_mean.value, ra_var.value
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _masked_moments(x: jax.Array, mask: jax.Array, axis_name: str | None):
+    """Mean and (biased) variance over all but the last axis of the examples with ``mask`` 1, and
+    their count (examples x positions)."""
+    axes = tuple(range(x.ndim - 1))
+    m = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    count = jnp.sum(mask.astype(x.dtype)) * (x.size // (x.shape[0] * x.shape[-1]))
+    total = jnp.sum(x * m, axes)
+    if axis_name is not None:
+        count, total = jax.lax.psum((count, total), axis_name)
+    mean = total / count
+    squares = jnp.sum(jnp.square(x - mean) * m, axes)
+    if axis_name is not None:
+        squares = jax.lax.psum(squares, axis_name)
+    return mean, squares / count, count
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -143,7 +167,8 @@ class ConvBackbone(nn.Module):
     conv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"expected images of shape (batch, height, width, channels), got {x.shape}")
         layer = 0
@@ -151,7 +176,7 @@ class ConvBackbone(nn.Module):
             for _ in range(n_convs):
                 x = Conv3x3(features, kernel_init=self.kernel_init, impl=self.conv_impl,
                             name=f"conv_{layer}")(x)
-                x = BatchNorm(name=f"bn_{layer}")(x, train, axis_name)
+                x = BatchNorm(name=f"bn_{layer}")(x, train, axis_name, mask)
                 x = nn.relu(x)
                 layer += 1
             x = max_pool_2x2(x)
@@ -184,8 +209,9 @@ class MultiTaskNet(nn.Module):
     kernel_init: Initializer = XAVIER_UNIFORM
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None):
-        h = self.backbone(x, train, axis_name)
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
+                 mask: jax.Array | None = None):
+        h = self.backbone(x, train, axis_name, mask)
         primary = Head(self.head_width, self.num_primary, self.kernel_init, name="primary_head")(h)
         auxiliary = Head(self.head_width, self.num_auxiliary, self.kernel_init,
                          name="auxiliary_head")(h)
@@ -207,8 +233,9 @@ class LabelGenerator(nn.Module):
     weight_head: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None):
-        h = self.backbone(x, train, axis_name)
+    def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
+                 mask: jax.Array | None = None):
+        h = self.backbone(x, train, axis_name, mask)
         logits = Head(self.head_width, self.num_auxiliary, self.kernel_init, name="head")(h)
         if not self.weight_head:
             return logits

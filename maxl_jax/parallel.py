@@ -2,9 +2,11 @@
 
 Parameters, BatchNorm statistics and optimizer states are replicated; batches are sharded on their
 leading axis. XLA inserts the cross-device reductions (BatchNorm statistics and loss means are taken
-over the global batch), so a step on 8 devices computes the same numbers as on one. The same pure
-steps also run inside a user's ``shard_map`` through their ``axis_name`` argument
-(``shard_map_step``).
+over the global batch), so a step on 8 devices computes the same numbers as on one. A batch the
+devices do not divide (the reference's 100 on a TPU's 8 cores) is padded to the next multiple with
+a ``mask`` that every mean and BatchNorm statistic honours (``pad_batch``), so it too computes what
+one device computes. The same pure steps also run inside a user's ``shard_map`` through their
+``axis_name`` argument (``shard_map_step``; there the batch must divide).
 """
 
 from __future__ import annotations
@@ -80,6 +82,21 @@ def validate_batch(batch: dict, image_shape: Sequence[int], num_devices: int, *,
     check_batch_size(b, num_devices)
 
 
+def pad_batch(batch: dict, multiple: int) -> dict:
+    """``batch`` padded along its leading axis to a multiple of ``multiple`` (zeros: images, label 0)
+    with ``mask`` 1 on the real examples, 0 on the padding (an existing ``mask`` is extended)."""
+    b = batch["image"].shape[0]
+    extra = -b % multiple
+    if not extra:
+        return batch
+    out = {k: np.concatenate([np.asarray(v), np.zeros((extra, *np.shape(v)[1:]),
+                                                      np.asarray(v).dtype)])
+           for k, v in batch.items() if k != "mask"}
+    mask = np.asarray(batch.get("mask", np.ones(b, np.float32)), np.float32)
+    out["mask"] = np.concatenate([mask, np.zeros(extra, np.float32)])
+    return out
+
+
 def _check_labels(batch: dict, num_primary: int, aux_tasks: Sequence, has_aux: bool) -> None:
     primary = np.asarray(batch["primary"])
     bad = np.flatnonzero((primary < 0) | (primary >= num_primary))
@@ -112,7 +129,8 @@ class DataParallelSteps:
 
     ``train_step(state, batch)``, ``meta_step(state, batches)`` (``batches``: a dict from each of the
     method's meta sources to a batch) and ``eval_step(state, batch)`` validate their batches first,
-    then run the compiled step; the state argument is donated.
+    pad a batch the devices do not divide (``pad_batch``), then run the compiled step; the state
+    argument is donated.
     """
 
     def __init__(self, method: Method, image_shape: Sequence[int], mesh: Mesh | None = None):
@@ -134,12 +152,12 @@ class DataParallelSteps:
         return jax.device_put(state, replicated(self.mesh))
 
     def _check(self, batch, aux_tasks=()):
-        validate_batch(batch, self.image_shape, self.num_devices,
-                       num_primary=self.method.num_primary, aux_tasks=aux_tasks)
+        validate_batch(batch, self.image_shape, 1, num_primary=self.method.num_primary,
+                       aux_tasks=aux_tasks)
+        return pad_batch(batch, self.num_devices)
 
     def train_step(self, state: TrainState, batch: dict):
-        self._check(batch, self.method.aux_tasks)
-        return self._train(state, batch)
+        return self._train(state, self._check(batch, self.method.aux_tasks))
 
     def meta_step(self, state: TrainState, batches: dict):
         if self._meta is None:
@@ -148,13 +166,12 @@ class DataParallelSteps:
         if set(batches) != set(sources):
             raise ValueError(f"the meta step of {self.method.name!r} takes batches "
                              f"{list(sources)}, got {sorted(batches)}")
-        for source, batch in batches.items():  # training batches carry the auxiliary labels
-            self._check(batch, self.method.aux_tasks if source != "held_out" else ())
+        batches = {source: self._check(batch, self.method.aux_tasks if source != "held_out" else ())
+                   for source, batch in batches.items()}  # training batches carry aux labels
         return self._meta(state, batches)
 
     def eval_step(self, state: TrainState, batch: dict):
-        self._check(batch)
-        return self._eval(state, batch)
+        return self._eval(state, self._check(batch))
 
 
 def shard_map_step(step: Callable, mesh: Mesh) -> Callable:

@@ -143,7 +143,8 @@ def _add_sums(sums: dict, kind: str, metrics: dict) -> dict:
 class _Compiled:
     """The compiled per-step functions of one run: gather by index, augment, step, accumulate."""
 
-    def __init__(self, method: Method, mesh, augment: bool, compile_ahead: bool):
+    def __init__(self, method: Method, mesh, augment: bool, compile_ahead: bool,
+                 batch_size: int | None = None):
         self.method = method
         rep = parallel.replicated(mesh)
         shard = parallel.data_sharded(mesh)
@@ -151,9 +152,15 @@ class _Compiled:
         sources = method.schedule.sources
 
         def gather(split, idx, key):
+            """The batch of examples ``idx``; when ``idx`` is longer than ``batch_size`` (padded to a
+            multiple of the device count) its tail is masked out."""
             batch = {k: v[idx] for k, v in split.items()}
+            padded = key is not None and batch_size is not None and idx.shape[0] > batch_size
             batch["image"] = data_lib.preprocess(key, batch["image"], train=key is not None,
-                                                 augment_train=augment)
+                                                 augment_train=augment,
+                                                 valid=batch_size if padded else None)
+            if padded:
+                batch["mask"] = (jnp.arange(idx.shape[0]) < batch_size).astype(jnp.float32)
             return jax.lax.with_sharding_constraint(batch, batch_sharding)
 
         def finish(state, new, metrics, kind, checked):
@@ -371,7 +378,8 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
                                     download=config.get("download", False))
     mesh = parallel.make_mesh()
     n_dev = mesh.devices.size
-    parallel.check_batch_size(config.batch_size, n_dev)
+    # A batch the devices do not divide is padded to the next multiple and the padding masked out.
+    padded_batch = -(-config.batch_size // n_dev) * n_dev
     method_cls = methods.get(config.method)
 
     train_split, held_split, held_ident = dataset.train, None, None
@@ -409,9 +417,13 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         data["held_out"] = _device_split(held_split, method, config.seed, rep)
     test, eval_idx = _test_data(dataset, config.eval_batch_size, n_dev, rep)
 
-    compiled = _Compiled(method, mesh, config.augment, compile_ahead)
+    compiled = _Compiled(method, mesh, config.augment, compile_ahead, config.batch_size)
+    if padded_batch != config.batch_size:
+        log(f"Batch {config.batch_size} over {n_dev} devices: each step's batch is padded to "
+            f"{padded_batch}, the {padded_batch - config.batch_size} padding examples masked out of "
+            f"every mean and BatchNorm statistic.")
     state = jax.device_put(method.init(jax.random.PRNGKey(config.seed), dataset.image_shape), rep)
-    example_train = np.zeros(config.batch_size, np.int32)
+    example_train = np.zeros(padded_batch, np.int32)
     example_meta = {s: example_train for s in schedule.sources}
     zero_sums = jax.device_get(compiled.sums_template(state, data, example_train, example_meta))
     state = state.replace(sums=jax.device_put(zero_sums, rep))
@@ -468,7 +480,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     if t_compile:
         log(f"Compiled the steps in {t_compile:.1f} s")
 
-    orders = _order_maker(n_train, held_split, steps_per_epoch, config, schedule)
+    orders = _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_batch)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -555,8 +567,9 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     return _finish(config, workdir, records, state, steps_per_epoch)
 
 
-def _order_maker(n_train, held_split, steps_per_epoch, config, schedule):
-    """``epoch -> _Orders``: the batches of every step of an epoch, from the seed."""
+def _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_batch=None):
+    """``epoch -> _Orders``: the batches of every step of an epoch, from the seed (each row padded
+    with example 0 to ``padded_batch`` when that is larger than the batch size)."""
     last_train, j = {}, 0
     for kind, i in schedule.events(steps_per_epoch):
         if kind == "train":
@@ -566,16 +579,21 @@ def _order_maker(n_train, held_split, steps_per_epoch, config, schedule):
             j += 1
     n_held_batches = 0 if held_split is None else len(held_split) // config.batch_size
 
+    def pad(order):
+        extra = (padded_batch or config.batch_size) - config.batch_size
+        return order if order is None or not extra else np.pad(order, ((0, 0), (0, extra)))
+
     def orders(epoch: int) -> _Orders:
         held = None
         if n_held_batches:
             held = _epoch_order(len(held_split), n_held_batches, config.batch_size, config.seed,
                                 epoch, 2)
         return _Orders(
-            train=_epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed, epoch, 0),
-            meta_train=_epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed,
-                                    epoch, 1),
-            held_out=held, last_train=last_train)
+            train=pad(_epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed,
+                                   epoch, 0)),
+            meta_train=pad(_epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed,
+                                        epoch, 1)),
+            held_out=pad(held), last_train=last_train)
 
     return orders
 

@@ -3,10 +3,11 @@
 the dataset's features with a fixed seed, so every process sees the same data. Used by the tests
 that run the command line end to end in a subprocess. (Importing this module defines no flags.)"""
 
+import os
 import pathlib
 import sys
 
-NUM_EXAMPLES = 64
+NUM_EXAMPLES = int(os.environ.get("MAXL_MOCK_EXAMPLES", "64"))
 
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

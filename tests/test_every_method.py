@@ -36,8 +36,8 @@ def compilation_cache():
     return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (tests/conftest.py)
 
 
-def cli(workdir, method, cache, *flags, devices=1):
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+def cli(workdir, method, cache, *flags, devices=1, examples=NUM_EXAMPLES):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "MAXL_MOCK_EXAMPLES": str(examples),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     if devices > 1:
@@ -98,14 +98,21 @@ def test_every_method_runs_from_the_command_line_and_resumes_exactly(method, tmp
     assert summary["best_epoch"] == json.loads((whole / "summary.json").read_text())["best_epoch"]
 
 
-@pytest.mark.parametrize("method, devices", [("maxl", 8), ("maxl", 2), ("auxilearn", 8)])
+@pytest.mark.parametrize("method, devices, batch", [
+    ("maxl", 8, 16), ("maxl", 2, 16), ("auxilearn", 8, 16),
+    ("maxl", 8, 100),  # the reference's batch, which 8 devices do not divide: padded and masked
+])
 def test_the_main_job_on_several_devices_ends_with_the_1_device_numbers(
-        method, devices, tmp_path, compilation_cache):
+        method, devices, batch, tmp_path, compilation_cache):
     """The whole loop (data placement, the compiled steps, evaluation in one call, checkpoints) on
     fake CPU devices. Every method's steps are compared on 1 and 8 devices in test_parallel.py."""
     one, many = tmp_path / "one", tmp_path / "many"
-    cli(one, method, compilation_cache)
-    cli(many, method, compilation_cache, devices=devices)
+    flags = (f"--config.batch_size={batch}",)
+    examples = 256 if batch > 32 else NUM_EXAMPLES
+    cli(one, method, compilation_cache, *flags, examples=examples)
+    out = cli(many, method, compilation_cache, *flags, devices=devices, examples=examples)
+    if batch % devices:
+        assert f"each step's batch is padded to {-(-batch // devices) * devices}" in out.stdout
     a, c = final_state(one), final_state(many)
     for key in a:
         if key.startswith(".sums") or not np.issubdtype(a[key].dtype, np.floating):

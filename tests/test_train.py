@@ -155,15 +155,6 @@ def test_a_bad_psi_is_rejected_before_training(psi, match, tmp_path):
         run(tiny_config(psi=psi), tmp_path)
 
 
-def test_an_indivisible_batch_is_rejected(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.parallel, "make_mesh",
-                        lambda: train.parallel.Mesh(np.array(jax.devices() * 1), ("data",)))
-    monkeypatch.setattr(train.parallel.Mesh, "devices", property(lambda self: np.empty(3)),
-                        raising=False)
-    with pytest.raises(ValueError, match="batch size 16 is not divisible by the 3 devices"):
-        run(tiny_config(), tmp_path)
-
-
 def test_a_non_finite_loss_stops_training_naming_the_step_and_quantity(tmp_path):
     with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|primary_loss|grad_norm|update_norm|param_norm)=(nan|inf|-inf).* at train step \d+ \(epoch 1\)"):
         run(tiny_config(method="single", lr=1e30, epochs=1), tmp_path)

@@ -76,7 +76,8 @@ def init_combiner(kind: str, num_losses: int, rng: jax.Array, hidden=(10, 10),
     return params
 
 
-def combine(params: dict, per_example: jax.Array, axis_name: str | None = None) -> jax.Array:
+def combine(params: dict, per_example: jax.Array, axis_name: str | None = None,
+            mask: jax.Array | None = None) -> jax.Array:
     """``L_T``: the combiner applied to each example's losses ``(B, L)`` (column 0 the primary),
     averaged over the batch, plus the skip connection ``mean_b l_pri,b``."""
     if "w" in params:
@@ -89,7 +90,8 @@ def combine(params: dict, per_example: jax.Array, axis_name: str | None = None) 
             if i < n - 1:
                 h = jax.nn.softplus(h + params[f"b{i}"])
         out = h[:, 0]
-    return losses.batch_mean(out, axis_name) + losses.batch_mean(per_example[:, 0], axis_name)
+    return (losses.batch_mean(out, axis_name, mask)
+            + losses.batch_mean(per_example[:, 0], axis_name, mask))
 
 
 def clamp_combiner(params: dict) -> dict:
@@ -97,10 +99,11 @@ def clamp_combiner(params: dict) -> dict:
     return {k: (jnp.maximum(v, 0.0) if k.startswith("w") else v) for k, v in params.items()}
 
 
-def effective_weights(params: dict, per_example: jax.Array, axis_name: str | None = None):
+def effective_weights(params: dict, per_example: jax.Array, axis_name: str | None = None,
+                      mask: jax.Array | None = None):
     """``d L_T / d l_k`` averaged over the batch, ``(L,)``: what each loss weighs in the update."""
     grad = jax.grad(lambda l: combine(params, l, None))(per_example) * per_example.shape[0]
-    return losses.batch_mean(grad, axis_name)
+    return losses.batch_mean(grad, axis_name, mask)
 
 
 # --------------------------------------------------------------------------- the combine variant
@@ -214,7 +217,8 @@ class AuxiLearn(base.Method):
     # -------------------------------------------------------------------------- the losses
     def per_example_losses(self, params, batch_stats, batch, aux_targets, axis_name):
         """``(B, 1 + T)`` losses (primary first), new statistics and primary logits."""
-        logits, aux_logits, stats = self.forward(params, batch_stats, batch["image"], axis_name)
+        logits, aux_logits, stats = self.forward(params, batch_stats, batch["image"], axis_name,
+                                                 batch.get("mask"))
         aux = losses.task_focal_losses(aux_logits, aux_targets, self.aux_sizes, self.gamma)
         return (jnp.concatenate([self.primary_losses(logits, batch["primary"])[:, None], aux], 1),
                 stats, logits)
@@ -226,7 +230,7 @@ class AuxiLearn(base.Method):
 
     def training_loss(self, params, batch_stats, batch, targets, combiner, axis_name):
         per, stats, logits = self.per_example_losses(params, batch_stats, batch, targets, axis_name)
-        return combine(combiner, per, axis_name), (stats, logits, per)
+        return combine(combiner, per, axis_name, batch.get("mask")), (stats, logits, per)
 
     # ---------------------------------------------------------------------------- the steps
     def train_step(self, state, batch, axis_name=None):
@@ -242,12 +246,13 @@ class AuxiLearn(base.Method):
             state.multitask_params)
         new_state, norms = self.update_multitask(
             state, grads, stats, method_state={**state.method_state, **carry})
-        mean = losses.batch_mean(per, axis_name)
+        mask = batch.get("mask")
+        mean = losses.batch_mean(per, axis_name, mask)
         return new_state, {
             "loss": loss, "primary_loss": mean[0], "auxiliary_loss": jnp.mean(mean[1:]),
             "task_losses": mean[1:],
-            "combiner_weights": effective_weights(phi["combiner"], per, axis_name),
-            "accuracy": losses.accuracy(logits, batch["primary"], axis_name), **norms}
+            "combiner_weights": effective_weights(phi["combiner"], per, axis_name, mask),
+            "accuracy": losses.accuracy(logits, batch["primary"], axis_name, mask), **norms}
 
     def hypergradient(self, state, batches, axis_name=None):
         """The implicit hypergradient w.r.t. the learned parameters: ``L_A`` on
@@ -270,8 +275,9 @@ class AuxiLearn(base.Method):
 
         def outer_loss(w, hyper):
             logits, _, _ = self.forward({**w, "auxiliary_head": aux_head}, stats, held["image"],
-                                        axis_name)
-            return losses.batch_mean(self.primary_losses(logits, held["primary"]), axis_name), {}
+                                        axis_name, held.get("mask"))
+            return losses.batch_mean(self.primary_losses(logits, held["primary"]), axis_name,
+                                     held.get("mask")), {}
 
         result = meta.implicit_gradient(inner_loss, outer_loss, shared, phi, solver=self.solver,
                                         terms=self.terms, alpha=self.alpha,
@@ -292,7 +298,8 @@ class AuxiLearn(base.Method):
                                                 "opt_state": opt_state})
         return new_state, {
             "meta_loss": result.outer_loss, "train_loss": result.inner_loss, **norms,
-            "combiner_weights": effective_weights(new["combiner"], result.inner_aux, axis_name)}
+            "combiner_weights": effective_weights(new["combiner"], result.inner_aux, axis_name,
+                                                  batches["train"].get("mask"))}
 
     def hypergradient_to_params(self, state, batch, grad_hyper, axis_name):
         """The hypergradient w.r.t. the learned parameters (here the combiner itself)."""
@@ -367,7 +374,8 @@ class AuxiLearnGenerate(AuxiLearn):
         return maxl.generate_labels(
             self.generator, {"params": params,
                              "batch_stats": state.method_state["generator_batch_stats"]},
-            batch["image"], batch["primary"], self.psi, train=True, axis_name=axis_name)
+            batch["image"], batch["primary"], self.psi, train=True, axis_name=axis_name,
+            mask=batch.get("mask"))
 
     def phi(self, state, batch, axis_name):
         # phi as seen by L_T: the soft labels of this batch and the combiner (the generator's
@@ -379,7 +387,7 @@ class AuxiLearnGenerate(AuxiLearn):
     def training_loss(self, params, batch_stats, batch, targets, combiner, axis_name):
         per, stats, logits = self.per_example_losses(params, batch_stats, batch, targets, axis_name)
         per = per.at[:, 1].multiply(self.aux_scale)
-        return combine(combiner, per, axis_name), (stats, logits, per)
+        return combine(combiner, per, axis_name, batch.get("mask")), (stats, logits, per)
 
     def hypergradient_to_params(self, state, batch, grad_hyper, axis_name):
         _, labels_vjp = jax.vjp(lambda g: self._generate(state, batch, axis_name, g)[0],

@@ -18,8 +18,10 @@ batch) or ``"held_out"`` (a batch of a stratified held-out split of the training
 ``batch["aux"]`` (``(B, T)`` int, one column per task): ``"human"`` (the data set's fine labels) or
 ``"random"`` (fixed random labels inside each example's block of ``psi``).
 
-A batch is a dict: ``image`` float ``(B, H, W, C)`` (normalised), ``primary`` int ``(B,)`` and, when
-``aux_tasks`` is not empty, ``aux`` int ``(B, T)`` (or ``(B,)`` for one task).
+A batch is a dict: ``image`` float ``(B, H, W, C)`` (normalised), ``primary`` int ``(B,)``, when
+``aux_tasks`` is not empty ``aux`` int ``(B, T)`` (or ``(B,)`` for one task), and optionally ``mask``
+float ``(B,)``: 0 marks padding examples (a batch padded to a multiple of the device count), which
+every mean, BatchNorm statistic and metric then ignores.
 
 Each method is one module of ``maxl_jax.methods`` with a class decorated ``@register``; it builds
 itself from the run's config with ``from_config(config, setup)`` and declares its own config fields
@@ -282,10 +284,10 @@ class Method:
                                 for t, k in enumerate(self.aux_sizes)], axis=-1)
 
     def forward(self, params: PyTree, batch_stats: PyTree, images: jax.Array,
-                axis_name: str | None = None):
+                axis_name: str | None = None, mask: jax.Array | None = None):
         """f in train mode (batch statistics): ``(primary_logits, aux_logits, new_batch_stats)``."""
         (primary_logits, aux_logits), updated = self.multitask.apply(
-            {"params": params, "batch_stats": batch_stats}, images, True, axis_name,
+            {"params": params, "batch_stats": batch_stats}, images, True, axis_name, mask,
             mutable=["batch_stats"])
         return primary_logits, aux_logits, updated["batch_stats"]
 
@@ -304,12 +306,15 @@ class Method:
         a leading axis of ``1 + T`` (one reverse pass per task, batched with ``vmap``).
         """
         targets = self.data_targets(batch)
+        mask = batch.get("mask")
 
         def task_losses(p):
-            logits, aux_logits, stats = self.forward(p, batch_stats, batch["image"], axis_name)
-            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name)
+            logits, aux_logits, stats = self.forward(p, batch_stats, batch["image"], axis_name,
+                                                     mask)
+            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name,
+                                        mask)
             aux = losses.batch_mean(losses.task_focal_losses(aux_logits, targets, self.aux_sizes,
-                                                             self.gamma), axis_name)
+                                                             self.gamma), axis_name, mask)
             return jnp.concatenate([primary[None], aux]), (stats, logits)
 
         values, vjp, (stats, logits) = jax.vjp(task_losses, params, has_aux=True)

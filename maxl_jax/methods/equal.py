@@ -65,13 +65,15 @@ class Equal(base.Method):
     def train_step(self, state, batch, axis_name=None):
         targets = self.data_targets(batch)
         weights = jnp.asarray(self.weights, jnp.float32)
+        mask = batch.get("mask")
 
         def loss_fn(params):
             logits, aux_logits, stats = self.forward(params, state.multitask_batch_stats,
-                                                     batch["image"], axis_name)
-            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name)
+                                                     batch["image"], axis_name, mask)
+            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name,
+                                        mask)
             task = losses.batch_mean(losses.task_focal_losses(aux_logits, targets, self.aux_sizes,
-                                                              self.gamma), axis_name)
+                                                              self.gamma), axis_name, mask)
             return primary + jnp.sum(weights * task), (stats, logits, primary, task)
 
         (loss, (stats, logits, primary, task)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -79,7 +81,8 @@ class Equal(base.Method):
         new_state, norms = self.update_multitask(state, grads, stats)
         return new_state, {"loss": loss, "primary_loss": primary,
                            "auxiliary_loss": jnp.mean(task), "task_losses": task,
-                           "accuracy": losses.accuracy(logits, batch["primary"], axis_name), **norms}
+                           "accuracy": losses.accuracy(logits, batch["primary"], axis_name,
+                                                       batch.get("mask")), **norms}
 
 
 @register

@@ -72,7 +72,7 @@ class Gcs(base.Method):
             "loss": values[0] + jnp.sum(weights * values[1:]), "primary_loss": values[0],
             "auxiliary_loss": jnp.mean(values[1:]), "task_losses": values[1:],
             "cosine": cosine, "kept": gate,
-            "accuracy": losses.accuracy(logits, batch["primary"], axis_name), **update_norms}
+            "accuracy": losses.accuracy(logits, batch["primary"], axis_name, batch.get("mask")), **update_norms}
 
 
 def gated_gradient(grads, weights: jax.Array, weighted: bool = False):

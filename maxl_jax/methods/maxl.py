@@ -116,16 +116,17 @@ class Maxl(base.Method):
     def train_step(self, state, batch, axis_name=None):
         """One update of the multi-task network on ``L_pri + aux_weight * L_aux`` (pass A); the
         generated labels are constants here and g's BatchNorm statistics are updated."""
+        mask = batch.get("mask")
         soft, g_stats = maxl.generate_labels(self.generator, self.generator_variables(state),
                                              batch["image"], batch["primary"], self.psi,
-                                             train=True, axis_name=axis_name)
+                                             train=True, axis_name=axis_name, mask=mask)
         soft = jax.lax.stop_gradient(soft)
 
         def loss_fn(params):
             return maxl.multitask_loss(self.multitask, params, state.multitask_batch_stats,
                                        batch["image"], batch["primary"], soft,
                                        aux_weight=self.aux_weight, gamma=self.gamma,
-                                       axis_name=axis_name)
+                                       axis_name=axis_name, mask=mask)
 
         (loss, (f_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.multitask_params)
@@ -133,8 +134,8 @@ class Maxl(base.Method):
             state, grads, f_stats, method_state={**state.method_state, "batch_stats": g_stats})
         return new_state, {
             "loss": loss, "primary_loss": parts["primary"], "auxiliary_loss": parts["auxiliary"],
-            "accuracy": losses.accuracy(parts["primary_logits"], batch["primary"], axis_name),
-            **norms, **maxl.label_statistics(soft, batch["primary"], self.psi, axis_name)}
+            "accuracy": losses.accuracy(parts["primary_logits"], batch["primary"], axis_name, mask),
+            **norms, **maxl.label_statistics(soft, batch["primary"], self.psi, axis_name, mask)}
 
     # ---------------------------------------------------------------------------- theta2 step
     def meta_step(self, state, batches, axis_name=None):
@@ -146,7 +147,7 @@ class Maxl(base.Method):
             self.generator_variables(state), batch["image"], batch["primary"], self.psi,
             inner_optimizer=self.inner_optimizer(alpha), inner_steps=self.inner_steps,
             entropy_weight=self.entropy_weight, aux_weight=self.aux_weight, gamma=self.gamma,
-            form=self.meta_form, axis_name=axis_name)
+            form=self.meta_form, axis_name=axis_name, mask=batch.get("mask"))
         params, opt_state, norms = steps.apply_update(
             self.generator_optimizer, state.method_state["params"],
             state.method_state["opt_state"], result.grad)
@@ -157,7 +158,7 @@ class Maxl(base.Method):
         return new_state, {
             "meta_loss": result.meta_loss, **result.metrics, "inner_lr": jnp.asarray(alpha),
             **norms, **maxl.label_statistics(result.soft_labels, batch["primary"], self.psi,
-                                             axis_name)}
+                                             axis_name, batch.get("mask"))}
 
     def epoch_summary(self, means):
         meta = means.get("meta") or {}

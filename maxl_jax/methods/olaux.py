@@ -102,4 +102,4 @@ class OlAux(base.Method):
             "loss": values[0] + jnp.sum(weights * values[1:]), "primary_loss": values[0],
             "auxiliary_loss": jnp.mean(values[1:]), "task_losses": values[1:],
             "task_weights": weights, "gradient_products": products,
-            "accuracy": losses.accuracy(logits, batch["primary"], axis_name), **norms}
+            "accuracy": losses.accuracy(logits, batch["primary"], axis_name, batch.get("mask")), **norms}

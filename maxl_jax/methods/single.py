@@ -28,14 +28,18 @@ class Single(base.Method):
                    gamma=config.gamma)
 
     def train_step(self, state, batch, axis_name=None):
+        mask = batch.get("mask")
+
         def loss_fn(params):
             logits, _, stats = self.forward(params, state.multitask_batch_stats, batch["image"],
-                                            axis_name)
-            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name)
+                                            axis_name, mask)
+            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name,
+                                        mask)
             return primary, (stats, logits)
 
         (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.multitask_params)
         new_state, norms = self.update_multitask(state, grads, stats)
         return new_state, {"loss": loss, "primary_loss": loss,
-                           "accuracy": losses.accuracy(logits, batch["primary"], axis_name), **norms}
+                           "accuracy": losses.accuracy(logits, batch["primary"], axis_name, mask),
+                           **norms}

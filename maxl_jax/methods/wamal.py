@@ -79,18 +79,20 @@ class Wamal(Maxl):
         return maxl.generate_labels(self.generator, self.generator_variables(state), batch["image"],
                                     batch["primary"], self.psi, train=True, axis_name=axis_name,
                                     weight_range=self.weight_range,
-                                    normalize_weights=self.normalize_weights)
+                                    normalize_weights=self.normalize_weights,
+                                    mask=batch.get("mask"))
 
     def train_step(self, state, batch, axis_name=None):
         """One update of theta1 on ``L_pri + aux_weight * mean(w * L_aux)``; labels and weights are
         constants here."""
         (soft, w), g_stats = jax.lax.stop_gradient(self._labels(state, batch, axis_name))
+        mask = batch.get("mask")
 
         def loss_fn(params):
             return maxl.multitask_loss(self.multitask, params, state.multitask_batch_stats,
                                        batch["image"], batch["primary"], soft,
                                        aux_weight=self.aux_weight, gamma=self.gamma,
-                                       axis_name=axis_name, aux_example_weights=w)
+                                       axis_name=axis_name, aux_example_weights=w, mask=mask)
 
         (loss, (f_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.multitask_params)
@@ -98,9 +100,9 @@ class Wamal(Maxl):
             state, grads, f_stats, method_state={**state.method_state, "batch_stats": g_stats})
         return new_state, {
             "loss": loss, "primary_loss": parts["primary"], "auxiliary_loss": parts["auxiliary"],
-            "accuracy": losses.accuracy(parts["primary_logits"], batch["primary"], axis_name),
-            **norms, **weight_statistics(w, axis_name),
-            **maxl.label_statistics(soft, batch["primary"], self.psi, axis_name)}
+            "accuracy": losses.accuracy(parts["primary_logits"], batch["primary"], axis_name, mask),
+            **norms, **weight_statistics(w, axis_name, mask),
+            **maxl.label_statistics(soft, batch["primary"], self.psi, axis_name, mask)}
 
     def meta_step(self, state, batches, axis_name=None):
         """One meta update of the generator (both heads) on ``batches['train']``."""
@@ -112,7 +114,7 @@ class Wamal(Maxl):
             inner_optimizer=self.inner_optimizer(alpha), inner_steps=self.inner_steps,
             entropy_weight=self.entropy_weight, aux_weight=self.aux_weight, gamma=self.gamma,
             form=self.meta_form, axis_name=axis_name, weight_range=self.weight_range,
-            normalize_weights=self.normalize_weights)
+            normalize_weights=self.normalize_weights, mask=batch.get("mask"))
         params, opt_state, norms = steps.apply_update(
             self.generator_optimizer, state.method_state["params"],
             state.method_state["opt_state"], result.grad)
@@ -123,13 +125,17 @@ class Wamal(Maxl):
         return new_state, {
             "meta_loss": result.meta_loss, **result.metrics, "inner_lr": jnp.asarray(alpha),
             **norms, "weight_head_grad_norm": steps.global_norm(result.grad["weight_head"]),
-            **weight_statistics(result.example_weights, axis_name),
-            **maxl.label_statistics(result.soft_labels, batch["primary"], self.psi, axis_name)}
+            **weight_statistics(result.example_weights, axis_name, batch.get("mask")),
+            **maxl.label_statistics(result.soft_labels, batch["primary"], self.psi, axis_name,
+                                    batch.get("mask"))}
 
 
-def weight_statistics(w: jax.Array, axis_name: str | None = None) -> dict:
-    """Batch mean, minimum and maximum of the per-example weights ``w (B,)``."""
-    lo, hi = jnp.min(w), jnp.max(w)
+def weight_statistics(w: jax.Array, axis_name: str | None = None,
+                      mask: jax.Array | None = None) -> dict:
+    """Batch mean, minimum and maximum of the per-example weights ``w (B,)`` (real examples only)."""
+    real = jnp.ones(w.shape, bool) if mask is None else mask > 0
+    lo, hi = jnp.min(jnp.where(real, w, jnp.inf)), jnp.max(jnp.where(real, w, -jnp.inf))
     if axis_name is not None:
         lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
-    return {"weight_mean": losses.batch_mean(w, axis_name), "weight_min": lo, "weight_max": hi}
+    return {"weight_mean": losses.batch_mean(w, axis_name, mask), "weight_min": lo,
+            "weight_max": hi}
