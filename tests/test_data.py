@@ -16,6 +16,9 @@ import tensorflow_datasets as tfds
 
 from maxl_jax import data as D
 
+# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
+pytestmark = pytest.mark.xdist_group("test_data")
+
 # ---------------------------------------------------------------------------------------------------
 # helpers / fixtures
 # ---------------------------------------------------------------------------------------------------

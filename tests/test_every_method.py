@@ -98,19 +98,22 @@ def test_every_method_runs_from_the_command_line_and_resumes_exactly(method, tmp
     assert summary["best_epoch"] == json.loads((whole / "summary.json").read_text())["best_epoch"]
 
 
-@pytest.mark.parametrize("method, devices, batch", [
-    ("maxl", 8, 16), ("maxl", 2, 16), ("auxilearn", 8, 16),
-    ("maxl", 8, 100),  # the reference's batch, which 8 devices do not divide: padded and masked
+@pytest.mark.parametrize("method, devices, batch, steps_per_call", [
+    ("maxl", 8, 16, 1), ("maxl", 2, 16, 1), ("auxilearn", 8, 16, 1),
+    # the reference's batch, which 8 devices do not divide (padded and masked), 3 steps a call
+    ("maxl", 8, 100, 3),
 ])
 def test_the_main_job_on_several_devices_ends_with_the_1_device_numbers(
-        method, devices, batch, tmp_path, compilation_cache):
+        method, devices, batch, steps_per_call, tmp_path, compilation_cache):
     """The whole loop (data placement, the compiled steps, evaluation in one call, checkpoints) on
-    fake CPU devices. Every method's steps are compared on 1 and 8 devices in test_parallel.py."""
+    fake CPU devices, against one device taking one step per call. Every method's steps are
+    compared on 1 and 8 devices in test_parallel.py."""
     one, many = tmp_path / "one", tmp_path / "many"
     flags = (f"--config.batch_size={batch}",)
     examples = 256 if batch > 32 else NUM_EXAMPLES
     cli(one, method, compilation_cache, *flags, examples=examples)
-    out = cli(many, method, compilation_cache, *flags, devices=devices, examples=examples)
+    out = cli(many, method, compilation_cache, *flags, f"--config.steps_per_call={steps_per_call}",
+              devices=devices, examples=examples)
     if batch % devices:
         assert f"each step's batch is padded to {-(-batch // devices) * devices}" in out.stdout
     a, c = final_state(one), final_state(many)

@@ -17,6 +17,9 @@ from maxl_jax.methods import AuxTask
 from maxl_jax.methods.equal import Random
 from maxl_jax.methods.maxl import Maxl
 
+# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
+pytestmark = pytest.mark.xdist_group("test_parallel")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

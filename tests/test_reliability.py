@@ -30,6 +30,9 @@ from maxl_jax import train, validation
 from maxl_jax.checkpoint import (CheckpointError, CheckpointWriteError, DamagedCheckpointError,
                                  read_state)
 
+# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
+pytestmark = pytest.mark.xdist_group("test_reliability")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMINGS = ("epoch_time", "train_images_per_sec")
 SUMMARY_TIMINGS = ("train_time_s", "train_images_per_sec")

@@ -52,6 +52,9 @@ from maxl_jax import maxl, models, steps  # noqa: E402
 from maxl_jax.methods.maxl import Maxl  # noqa: E402
 from maxl_jax.train_state import TrainState  # noqa: E402
 
+# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
+pytestmark = pytest.mark.xdist_group("test_torch_parity")
+
 FILTERS = (8, 8, 16, 16, 16)
 CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
 HEAD_WIDTH = 16

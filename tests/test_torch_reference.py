@@ -8,6 +8,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is an optional (bench) dependency")
 tr = pytest.importorskip("benchmarks.torch_reference")
 
+# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
+pytestmark = pytest.mark.xdist_group("test_torch_reference")
+
 PSI = [2, 3]  # 2 primary classes, 5 auxiliary classes
 TINY = (4, 4, 4, 4, 4)
 

@@ -15,6 +15,9 @@ from maxl_jax import data as data_lib
 from maxl_jax import train
 from maxl_jax.checkpoint import CheckpointError
 
+# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
+pytestmark = pytest.mark.xdist_group("test_train")
+
 SHARED = data_lib.shared_data_dir()
 needs_fmnist = pytest.mark.skipif(
     SHARED is None or not (SHARED / "fashion_mnist").is_dir(),
@@ -201,3 +204,53 @@ def test_the_command_line_entry_point_trains_and_reports(tmp_path):
     assert "epoch    1/1" in out.stdout and "final test accuracy" in out.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == "random" and summary["dataset"] == "fashion_mnist_coarse"
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def without_timings(workdir) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items()
+             if k not in ("epoch_time", "train_images_per_sec")} for line in lines]
+
+
+@pytest.mark.parametrize("method", ["maxl", "auxilearn"])
+def test_chunks_of_steps_in_one_call_give_the_step_by_step_run(method, tmp_path):
+    """``steps_per_call=3``: scans of up to 3 steps of one kind, cut short at the end of the
+    epoch's training pass and wherever ``checkpoint_every_steps=3`` asks for a checkpoint (MAXL: 4
+    training then 4 meta steps an epoch; AuxiLearn here: a meta step after every training step).
+    Against one step per call: the same parameters, the same records, checkpoints at the same steps,
+    and a run resumed with another chunk size ends the same."""
+    common = dict(method=method, max_steps_per_epoch=4, checkpoint_every_steps=3,
+                  keep_checkpoints=100)
+    one = run(tiny_config(steps_per_call=1, **common), tmp_path / "one")
+    chunked = run(tiny_config(steps_per_call=3, **common), tmp_path / "chunked")
+    run(tiny_config(steps_per_call=3, epochs=1, **common), tmp_path / "mixed")
+    mixed = run(tiny_config(steps_per_call=2, **common), tmp_path / "mixed")
+    for other in (chunked, mixed):
+        assert int(other["state"].step) == int(one["state"].step) >= 4
+        np.testing.assert_allclose(flat_params(other["state"]), flat_params(one["state"]),
+                                   rtol=1e-6, atol=1e-7)
+        assert int(other["state"].meta_step) == int(one["state"].meta_step) > 0
+    for name in ("chunked", "mixed"):
+        a, b = without_timings(tmp_path / "one"), without_timings(tmp_path / name)
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) or all(
+            np.allclose(np.asarray(jax.tree_util.tree_leaves(x), float),
+                        np.asarray(jax.tree_util.tree_leaves(y), float), rtol=1e-5)
+            for x, y in zip(a, b))
+    steps = checkpoint_steps(tmp_path / "one")
+    assert steps == checkpoint_steps(tmp_path / "chunked")
+    assert set(range(3, steps[-1] + 1, 3)) <= set(steps)  # every third step, and each epoch's end
+
+
+def test_a_non_finite_step_inside_a_chunk_is_named_as_step_by_step(tmp_path):
+    errors = []
+    for k in (1, 3):
+        with pytest.raises(train.NonFiniteError) as info:
+            run(tiny_config(method="single", lr=1e30, epochs=1, steps_per_call=k),
+                tmp_path / str(k))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+    assert checkpoint_steps(tmp_path / "3") == []  # nothing non-finite was saved

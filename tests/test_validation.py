@@ -8,6 +8,9 @@ from maxl_jax import make_networks, meta_gradient, parallel, steps, train, valid
 from maxl_jax.methods import AuxTask
 from maxl_jax.methods.equal import Human
 
+# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
+pytestmark = pytest.mark.xdist_group("test_validation")
+
 PSI = [5] * 4
 
 

@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.max_steps_per_epoch = 0       # 0: the whole training set each epoch
     c.checkpoint_every_steps = 0    # N: also a checkpoint every N steps (training and meta steps)
+    c.steps_per_call = 0            # up to N consecutive steps of one kind in one compiled call
+                                    # (a scan): fewer host round-trips, the same numbers as 1.
+                                    # 0: 1 on the CPU (a step outlasts its dispatch by far, and
+                                    # Ctrl-C is answered after each step), 20 on a GPU or TPU
     c.keep_checkpoints = 3          # >= 1: the newest checkpoints kept
     c.resume_step = 0               # N: resume from the checkpoint of step N (0: the newest)
     c.resume_from_intact = False    # if the newest checkpoint is damaged, resume from the newest
