@@ -38,14 +38,20 @@ Our instantiation (for the multi-task network ``backbone -> primary head, auxili
   batch of a held-out split (a stratified ``held_out_fraction`` = 5% of the training set, MAOAL's dev
   split), ``L_T`` on another training batch; the hypergradient is
 
-      grad_phi = -(dL_A/dtheta) H^-1 d^2 L_T/dtheta dphi  +  grad_phi R(phi)
+      grad_phi = -(dL_A/dtheta) J^-1 dG/dphi  +  grad_phi R(phi),   G(theta, phi) = grad_theta L_T
 
   at the current theta treated as the inner optimum (``maxl_jax.meta.implicit_gradient``: Neumann
   series, ``J = terms = 3``, step ``alpha`` = the primary learning rate, and, as AuxiLearn's and
   MAOAL's code on which the authors build, without the leading ``alpha``: ``scale_by_alpha=False``,
-  so the implicit part is the IFT value / alpha; ``"cg"`` is offered too). *Choice*, as AuxiLearn:
-  theta in the IFT is the backbone and the primary head; the auxiliary head is held fixed (``L_A`` does
-  not depend on it; it keeps ``H`` to the parameters the primary loss uses).
+  so the implicit part is the IFT value / alpha). ``G`` is the lower level's update direction with
+  the generated data made from theta's own features (treated as targets when differentiating
+  ``L_T``, as the training step does), and its Jacobian ``J = dG/dtheta`` includes how the generated
+  instances and labels move with theta: the lower level's fixed point is ``G = 0`` with the data
+  regenerated at every step. ``J`` is therefore not symmetric (not the Hessian of ``L_T``); the
+  estimator applies ``J^T`` by one vector-Jacobian product, and only the Neumann series is offered
+  (conjugate gradient needs a symmetric matrix). *Choice*, as AuxiLearn: theta in the IFT is the
+  backbone and the primary head; the auxiliary head is held fixed (``L_A`` does not depend on it;
+  it keeps ``J`` to the parameters the primary loss uses).
 * The instance regulariser ``R`` (explicit gradient; the paper names it but its form is not
   available to us), on the same training batch's real features ``h`` (constants):
 
@@ -119,7 +125,8 @@ class Dtg(base.Method):
       meta_optimizer: optax transformation for phi (clip, Adam).
       aux_weight: the generated task's weight in the lower-level loss.
       proximity_weight, entropy_weight: the regulariser's two weights (0 and 0: implicit part alone).
-      solver, terms, alpha, scale_by_alpha: the implicit estimator's (``meta.implicit_gradient``).
+      terms, alpha, scale_by_alpha: the implicit estimator's Neumann series
+        (``meta.implicit_gradient``).
     """
 
     name = "dtg"
@@ -135,7 +142,6 @@ class Dtg(base.Method):
     aux_weight: float = 1.0
     proximity_weight: float = 1.0
     entropy_weight: float = 0.2
-    solver: str = "neumann"
     terms: int = 3
     alpha: float = 0.01
     scale_by_alpha: bool = False
@@ -149,9 +155,6 @@ class Dtg(base.Method):
             raise ValueError(f"the auxiliary head ({self.multitask.num_auxiliary}) and the label "
                              f"generator ({self.generator.num_auxiliary}) need sum(psi) = "
                              f"{sum(self.psi)} outputs")
-        if self.solver not in meta.SOLVERS:
-            raise ValueError(f"unknown implicit solver {self.solver!r}; choose one of "
-                             f"{meta.SOLVERS}")
         for key in ("aux_weight", "proximity_weight", "entropy_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -162,15 +165,12 @@ class Dtg(base.Method):
     @classmethod
     def defaults(cls) -> dict:
         return {"every": 10, "held_out_fraction": 0.05, "meta_lr": 1e-3, "clip": 10.0,
-                "proximity_weight": 1.0, "hidden": 0, "solver": "neumann", "terms": 3,
+                "proximity_weight": 1.0, "hidden": 0, "terms": 3,
                 "scale_by_alpha": False}
 
     @classmethod
     def check_fields(cls, fields) -> None:
         where = f"{cls.name}."
-        if fields.solver not in meta.SOLVERS:
-            raise validation.ConfigError(f"--config.{where}solver={fields.solver!r} is not one of "
-                                         f"{meta.SOLVERS}")
         validation.check_range("every", fields.every, "int", 1, prefix=where)
         validation.check_range("held_out_fraction", fields.held_out_fraction, "float", 0.0, False,
                                high=0.9, prefix=where)
@@ -196,8 +196,7 @@ class Dtg(base.Method):
         return cls(multitask=multitask, multitask_optimizer=base.multitask_optimizer(config, setup),
                    gamma=config.gamma, generator=generator, psi=psi, meta_optimizer=meta_opt,
                    aux_weight=float(config.aux_weight), entropy_weight=float(config.entropy_weight),
-                   proximity_weight=float(c.proximity_weight), solver=str(c.solver),
-                   terms=int(c.terms), alpha=float(config.lr),
+                   proximity_weight=float(c.proximity_weight), terms=int(c.terms), alpha=float(config.lr),
                    scale_by_alpha=bool(c.scale_by_alpha),
                    schedule=base.MetaSchedule(every=int(c.every), sources=("held_out", "train")),
                    held_out_fraction=float(c.held_out_fraction))
@@ -233,17 +232,21 @@ class Dtg(base.Method):
         return delta, losses.mask_softmax(logits, primary, self.psi)
 
     # ------------------------------------------------------------------------- the losses
-    def lower_loss(self, params, batch_stats, batch, gen_params, axis_name=None):
+    def lower_loss(self, params, batch_stats, batch, gen_params, axis_name=None, generated=None):
         """``L_T``: the primary loss on the real examples plus ``aux_weight`` x the auxiliary head's
         loss on the generated features with the generated labels.
 
-        Returns ``(loss, (new_batch_stats, primary_logits, parts))``; ``parts`` holds the two
-        losses, the generated labels and displacements, and the real features (constants).
+        The generated ``(delta, soft)`` come from ``gen_params`` on these features (as constants),
+        or are ``generated`` when given. Returns ``(loss, (new_batch_stats, primary_logits,
+        parts))``; ``parts`` holds the two losses, the generated labels and displacements, and the
+        real features (constants).
         """
         mask = batch.get("mask")
         h, stats = self.features(params, batch_stats, batch["image"], axis_name, mask)
         h_const = jax.lax.stop_gradient(h)
-        delta, soft = self.generate(gen_params, h_const, batch["primary"])
+        if generated is None:
+            generated = self.generate(gen_params, h_const, batch["primary"])
+        delta, soft = generated
         logits = self.head(params, "primary", h)
         aux_logits = self.head(params, "auxiliary", h + delta)
         primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name, mask)
@@ -291,10 +294,17 @@ class Dtg(base.Method):
         aux_head = params["auxiliary_head"]
         shared = {k: v for k, v in params.items() if k != "auxiliary_head"}
 
-        def inner_loss(w, g):
-            loss, (_, _, parts) = self.lower_loss({**w, "auxiliary_head": aux_head}, stats, batch,
-                                                  g, axis_name)
-            return loss, parts
+        def grad_map(w, g):
+            # G(theta, phi) = dL_T/dtheta' at theta' = theta with the generated data made from
+            # theta's own features: its Jacobian in theta includes the generated data's dependence
+            # on theta (the fixed point of the lower level's updates), so it is not symmetric.
+            h, _ = self.features({**w, "auxiliary_head": aux_head}, stats, batch["image"],
+                                 axis_name, batch.get("mask"))
+            generated = self.generate(g, h, batch["primary"])
+            (loss, (_, _, parts)), grad = jax.value_and_grad(
+                lambda w2: self.lower_loss({**w2, "auxiliary_head": aux_head}, stats, batch, g,
+                                           axis_name, generated), has_aux=True)(w)
+            return grad, (loss, parts)
 
         def outer_loss(w, g):
             logits, _, _ = self.forward({**w, "auxiliary_head": aux_head}, stats, held["image"],
@@ -302,10 +312,12 @@ class Dtg(base.Method):
             return losses.batch_mean(self.primary_losses(logits, held["primary"]), axis_name,
                                      held.get("mask")), {}
 
-        result = meta.implicit_gradient(inner_loss, outer_loss, shared, gen, solver=self.solver,
+        result = meta.implicit_gradient(None, outer_loss, shared, gen, solver="neumann",
                                         terms=self.terms, alpha=self.alpha,
-                                        scale_by_alpha=self.scale_by_alpha)
-        h = result.inner_aux["h"]
+                                        scale_by_alpha=self.scale_by_alpha, grad_map=grad_map)
+        inner_loss, parts = result.inner_aux
+        result = result._replace(inner_loss=inner_loss, inner_aux=parts)
+        h = parts["h"]
         (reg, reg_parts), explicit = jax.value_and_grad(self.regulariser, has_aux=True)(
             gen, h, batch["primary"], axis_name, batch.get("mask"))
         reg_parts = {**reg_parts, "value": reg}
