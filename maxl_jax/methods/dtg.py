@@ -41,7 +41,7 @@ Our instantiation (for the multi-task network ``backbone -> primary head, auxili
       grad_phi = -(dL_A/dtheta) J^-1 dG/dphi  +  grad_phi R(phi),   G(theta, phi) = grad_theta L_T
 
   at the current theta treated as the inner optimum (``maxl_jax.meta.implicit_gradient``: Neumann
-  series, ``J = terms = 3``, step ``alpha`` = the primary learning rate, and, as AuxiLearn's and
+  series of ``terms`` = 3 terms, step ``alpha`` = the primary learning rate, and, as AuxiLearn's and
   MAOAL's code on which the authors build, without the leading ``alpha``: ``scale_by_alpha=False``,
   so the implicit part is the IFT value / alpha). ``G`` is the lower level's update direction with
   the generated data made from theta's own features (treated as targets when differentiating
@@ -71,7 +71,8 @@ Our instantiation (for the multi-task network ``backbone -> primary head, auxili
   biases (MAXL's generator initialisation); ``hidden`` (0: the multi-task head width) is the width
   of both generator MLPs. The generators have no BatchNorm.
 
-Where we are like AuxiLearn here: BatchNorm uses batch statistics in the meta step's forwards, and
+The paper's own hyperparameters and results could not be read here (only its abstract); every
+number above is ours or borrowed as stated. Where we are like AuxiLearn here: BatchNorm uses batch statistics in the meta step's forwards, and
 its running statistics are not updated there; padding examples (``batch['mask'] == 0``) are left out
 of every mean, BatchNorm statistic and the regulariser.
 """
