@@ -27,7 +27,7 @@ import optax
 import pytest
 
 from experiments.configs import tiny
-from maxl_jax import losses, methods, models, validation
+from maxl_jax import methods, models, validation
 from maxl_jax.methods.dtg import Dtg, JointGenerator
 from compat import enable_x64
 
