@@ -23,7 +23,7 @@ and without the leading ``alpha`` of the Neumann series (``Hypergrad._approx_inv
 ``alpha = 1`` it does not matter; ``scale_by_alpha=True`` multiplies it in). ``theta`` here is the
 shared network (the backbone) alone, as their ``shared_parameter`` (every parameter outside
 ``heads``); the heads are held fixed. This is ``maxl_jax.meta.implicit_gradient`` with
-``grad_map = G``. Conjugate gradient is not offered: it needs ``H`` symmetric positive definite.
+``grad_map = G``, computed from one linearisation of ``G`` (``hypergradient``). Conjugate gradient is not offered: it needs ``H`` symmetric positive definite.
 
 Modules (``modules``): ``"blocks"``, the backbone's blocks, each conv layer with its BatchNorm (the
 small CNN: its three blocks; VGG-16: its five; the authors' ResNet-18 used conv1..conv4 and the
@@ -145,14 +145,26 @@ def hypergradient(grad_map, dev_loss, shared: Any, importance: Any, *, terms: in
                   alpha: float = 1.0, scale_by_alpha: bool = False) -> meta.MetaGradient:
     """MAOAL's upper-level gradient ``-(dG/dW)^T sum_{j=0..terms} (I - alpha H^T)^j grad L_dev``
     (times ``alpha`` with ``scale_by_alpha``), ``H = dG/dtheta``, at ``shared`` treated as the lower
-    problem's solution.
+    problem's solution, plus the dev loss's direct derivative in ``importance`` (none in MAOAL).
 
     ``grad_map(shared, importance) -> (G, aux)``; ``dev_loss(shared, importance) -> (loss, aux)``.
     ``importance`` may be any tree the map depends on (``W``, or ``W`` and generated labels).
+
+    ``meta.implicit_gradient(..., grad_map=...)`` computes the same value; this form linearises
+    ``G`` once, in ``shared`` and ``importance`` together, and takes both ``H^T u`` (the Neumann
+    products) and ``(dG/dW)^T q`` from that one linearisation: one forward of ``G`` fewer per meta
+    step, and a program about half the size to compile.
     """
-    return meta.implicit_gradient(None, dev_loss, shared, importance, solver="neumann",
-                                  terms=terms, alpha=alpha, scale_by_alpha=scale_by_alpha,
-                                  grad_map=grad_map)
+    if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
+        raise ValueError(f"terms must be an integer >= 0 (got {terms!r})")
+    (out_loss, out_aux), (v, direct) = jax.value_and_grad(
+        dev_loss, argnums=(0, 1), has_aux=True)(shared, importance)
+    _, vjp, aux = jax.vjp(grad_map, shared, importance, has_aux=True)
+    q = meta.neumann_inverse(lambda u: vjp(u)[0], v, terms=terms, alpha=alpha,
+                             scale_by_alpha=scale_by_alpha)
+    mixed = vjp(q)[1]
+    grad = jax.tree_util.tree_map(lambda a, b: a - b, direct, mixed)
+    return meta.MetaGradient(out_loss, grad, shared, None, aux, out_aux)
 
 
 # ------------------------------------------------------------------------------- the method
