@@ -193,6 +193,40 @@ def test_neumann_hypergradient_is_the_formula_with_finite_difference_second_deri
         assert np.linalg.norm(hess - hess.T) > 1e-3 * np.linalg.norm(hess)
 
 
+def test_generated_labels_variant_one_step_hypergradient_reaches_the_generator():
+    """``maoal_generate``, ``J = 0``: along random directions ``d`` of the label generator's
+    parameters, ``<h_0, d>`` is the derivative of ``L_dev(theta - lr G(theta, W, labels(gen)))`` in
+    ``d`` divided by ``lr`` (``lr = 1e-4``, float64 central differences; the difference is O(lr))."""
+    with enable_x64():
+        mt, gen = models.make_networks("small", len(PSI), sum(PSI), sum(PSI), width=1,
+                                       head_width=4, conv_impl=CONV)
+        m = MaoalGenerate(multitask=mt, multitask_optimizer=optax.sgd(0.01), generator=gen,
+                          psi=PSI, meta_optimizer=optax.adam(1e-2), terms=0)
+        state = to64(m.init(jax.random.PRNGKey(7), SHAPE))
+        batch, dev = make_batch(8), make_batch(9)
+        grads, _, _ = jax.jit(m.hypergradient)(state, {"held_out": dev, "train": batch})
+        params, stats = state.multitask_params, state.multitask_batch_stats
+        theta, w = params["backbone"], state.method_state["importance"]
+        modules, _ = m.module_assignment(theta)
+        dev_loss = dev_loss_fn(m, state, dev)
+        g_vec, unravel = jax.flatten_util.ravel_pytree(state.method_state["generator"])
+
+        @jax.jit
+        def after_step(gv, lr):
+            soft, _ = m._generate(state, batch, None, unravel(gv))
+            _, task, _, _ = m.task_gradients_with(params, stats, batch, soft)
+            g = importance_direction(task["backbone"], w, modules, m.scale)
+            return dev_loss(jax.tree_util.tree_map(lambda p, d: p - lr * d, theta, g))
+
+        dirs = np.random.default_rng(0).normal(size=(4, g_vec.size))
+        eps, lr = 1e-6, 1e-4
+        fd = np.array([(after_step(g_vec + eps * d, lr) - after_step(g_vec - eps * d, lr))
+                       / (2 * eps) / lr for d in dirs])
+        got = dirs @ flat(grads["generator"])
+        assert np.linalg.norm(got - fd) / np.linalg.norm(fd) < 1e-2, (got, fd)
+        assert np.linalg.norm(fd) > 1e-6
+
+
 # ------------------------------------------------------------------------------ (2) quadratic
 
 def test_converged_neumann_series_is_the_ift_hypergradient_of_a_quadratic_lower_problem():
