@@ -4,11 +4,11 @@ Notation: ``G(theta, W)`` is the importance-parameterised gradient of the shared
 (``g_0 + s sum_k ReLU(W[k, m]) g_k`` on module ``m``), ``H = dG/dtheta``, ``v = grad_theta L_dev``.
 The method's hypergradient is ``-(dG/dW)^T sum_{j=0..J} (I - alpha H^T)^j v``.
 
-* One-step form (``J = 0``): ``h_0 = -(dG/dW)^T v``. Since
-  ``d/dW L_dev(theta - lr G(theta, W)) = -lr (dG/dW)^T grad L_dev(theta - lr G)``, ``h_0`` is the
-  derivative of the dev loss after one lower SGD step of size ``lr``, divided by ``lr``, in the limit
-  ``lr -> 0`` (the difference is O(lr)). Checked against float64 central differences on a tiny CNN,
-  with ``G`` built independently in the test from per-task gradients.
+* One-step form (``J = 0``): ``h_0 = -(dG/dW)^T v``. Since ``d/dW L_dev(theta - lr G(theta, W)) =
+  -lr (dG/dW)^T grad L_dev(theta - lr G)``, ``h_0`` is the derivative of the dev loss after one
+  lower SGD step of size ``lr``, divided by ``lr``, in the limit ``lr -> 0`` (the difference is
+  O(lr)). Checked against float64 central differences on a tiny CNN, with ``G`` built independently
+  in the test from per-task gradients.
 * ``J = 3``: the method equals the formula with ``H`` and ``dG/dW`` taken by float64 central
   differences of ``G`` (so the transpose of the non-symmetric ``H`` is the right one).
 * On a quadratic lower problem (``G`` linear in theta), the converged Neumann series
@@ -196,7 +196,8 @@ def test_neumann_hypergradient_is_the_formula_with_finite_difference_second_deri
 def test_generated_labels_variant_one_step_hypergradient_reaches_the_generator():
     """``maoal_generate``, ``J = 0``: along random directions ``d`` of the label generator's
     parameters, ``<h_0, d>`` is the derivative of ``L_dev(theta - lr G(theta, W, labels(gen)))`` in
-    ``d`` divided by ``lr`` (``lr = 1e-4``, float64 central differences; the difference is O(lr))."""
+    ``d`` divided by ``lr`` (``lr = 1e-4``, float64 central differences; the difference is
+    O(lr))."""
     with enable_x64():
         mt, gen = models.make_networks("small", len(PSI), sum(PSI), sum(PSI), width=1,
                                        head_width=4, conv_impl=CONV)

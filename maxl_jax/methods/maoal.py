@@ -1,6 +1,6 @@
 """MAOAL: module-aware optimisation for auxiliary learning (Chen et al., "Module-Aware Optimization
-for Auxiliary Learning", NeurIPS 2022; authors' code ``forchchch/MAOAL``, the image experiment in its
-history: ``git show 4a750de:train.py`` (``hypermodel``, ``modularized_lr_MTL_implicit``,
+for Auxiliary Learning", NeurIPS 2022; authors' code ``forchchch/MAOAL``, the image experiment in
+its history: ``git show 4a750de:train.py`` (``hypermodel``, ``modularized_lr_MTL_implicit``,
 ``map_param_to_block``), ``config/params.json``, and ``gauxlearn/implicit_diff.py`` /
 ``gauxlearn/optim.py`` for the implicit hypergradient).
 
@@ -10,12 +10,13 @@ module ``m(i)`` the lower level's update direction is the importance-parameteris
 
     G_i(theta, W) = grad_i L_pri + s * sum_k ReLU(W[k, m(i)]) grad_i L_aux_k,   s = 1 / K
 
-(the paper's lower level; ``hypermodel.forward`` with ``scale_factor = 1 / task_num``); the heads get the
-plain gradient of ``L_pri + mean_k L_aux_k``, as the authors' ``total_loss.backward()`` gives them. The
-upper level minimises the primary loss ``L_dev`` on a dev split through the implicit
+(the paper's lower level; ``hypermodel.forward`` with ``scale_factor = 1 / task_num``); the heads
+get the plain gradient of ``L_pri + mean_k L_aux_k``, as the authors' ``total_loss.backward()``
+gives them. The upper level minimises the primary loss ``L_dev`` on a dev split through the implicit
 function theorem at the current theta, treated as a point where ``G = 0``:
 
-    dL_dev/dW = - (dG/dW)^T q,    q = sum_{j=0..J} (I - alpha H^T)^j grad_theta L_dev,    H = dG/dtheta
+    dL_dev/dW = - (dG/dW)^T q,    q = sum_{j=0..J} (I - alpha H^T)^j grad_theta L_dev,
+    H = dG/dtheta
 
 with ``G`` the importance-parameterised gradient itself (not the gradient of any loss: ``H`` is not
 symmetric once the importances differ between modules, hence ``H^T``), ``J = 3`` and ``alpha = 1``,
@@ -23,34 +24,38 @@ and without the leading ``alpha`` of the Neumann series (``Hypergrad._approx_inv
 ``alpha = 1`` it does not matter; ``scale_by_alpha=True`` multiplies it in). ``theta`` here is the
 shared network (the backbone) alone, as their ``shared_parameter`` (every parameter outside
 ``heads``); the heads are held fixed. This is ``maxl_jax.meta.implicit_gradient`` with
-``grad_map = G``, computed from one linearisation of ``G`` (``hypergradient``). Conjugate gradient is not offered: it needs ``H`` symmetric positive definite.
+``grad_map = G``, computed from one linearisation of ``G`` (``hypergradient``). Conjugate gradient
+is not offered: it needs ``H`` symmetric positive definite, which ``H`` is not here. An importance
+at or below 0 is off: its task adds nothing to that module and, the ReLU being flat there, gets no
+hypergradient (only the weight decay moves it).
 
 Modules (``modules``): ``"blocks"``, the backbone's blocks, each conv layer with its BatchNorm (the
 small CNN: its three blocks; VGG-16: its five; the authors' ResNet-18 used conv1..conv4 and the
 rest, ``M = 5``, their ``module_wise``), or ``"tensors"``, one module per parameter tensor (their
 ``param_wise``: the small CNN has 12, VGG-16 52).
 
-The authors' defaults (``config/params.json``): the upper step every 10 lower steps
-(``interval``), from the first epoch (``pre = -1``); ``L_dev`` on one batch of a dev split of 5% of
-the training set (``m_ratio``), batches of 100; ``G`` for the upper step on another training batch;
-the hypergradient clipped to global norm 10, then Adam lr 1e-2 with L2 weight decay 5e-4 (torch's
-``Adam(weight_decay=...)``) on ``W``; Neumann ``J = 3``, ``alpha = 1`` (``hpolr``). Their lower level is
-SGD momentum 0.9, lr 0.1, weight decay 5e-4, cosine; ours keeps the reference MAXL optimizer (SGD
-0.01, step decay) so that methods compare on one footing. The dev split is the ``held_out`` meta
-source; the training batch of the upper step is the ``train`` source.
+The authors' defaults (``config/params.json``): the upper step every 10 lower steps (``interval``),
+from the first epoch (``pre = -1``); ``L_dev`` on one batch of a dev split of 5% of the training set
+(``m_ratio``), batches of 100 (ours: the run's ``batch_size``, 100 by default); ``G`` for the upper
+step on another training batch; the hypergradient clipped to global norm 10, then Adam lr 1e-2 with
+L2 weight decay 5e-4 (torch's ``Adam(weight_decay=...)``) on ``W``; Neumann ``J = 3``, ``alpha = 1``
+(``hpolr``). Their lower level is SGD momentum 0.9, lr 0.1, weight decay 5e-4, cosine; ours keeps
+the reference MAXL optimizer (SGD 0.01, step decay) so that methods compare on one footing. The dev
+split is the ``held_out`` meta source; the training batch of the upper step is the ``train`` source.
 
 The auxiliary tasks (several allowed): ``maoal`` takes the data's labels (``--config.aux_tasks``:
-``human``, ``random`` or both, like ``equal``; each task its own slice of the shared auxiliary head);
-``maoal_generate`` learns one task's labels with MAXL's label generator (mask softmax over ``psi``),
-trained by the same hypergradient: ``G`` depends on the generator through the soft labels, so
-``-(dG/dphi)^T q`` reaches it as it reaches ``W`` (our extension, in the manner of AuxiLearn's
+``human``, ``random`` or both, like ``equal``; each task its own slice of the shared auxiliary
+head); ``maoal_generate`` learns one task's labels with MAXL's label generator (mask softmax over
+``psi``), trained by the same hypergradient: ``G`` depends on the generator through the soft labels,
+so ``-(dG/dphi)^T q`` reaches it as it reaches ``W`` (our extension, in the manner of AuxiLearn's
 "generate" variant; the generator keeps MAXL's SGD ``generator_lr`` with weight decay, ``W`` Adam).
 
 Where we differ from their code, deliberately: in their script each auxiliary task is a different
 data set (other CIFAR-100 superclasses) with its own head; ours share the training images and one
-auxiliary head. BatchNorm uses batch statistics in the upper step's forwards but their running
-statistics are not updated there (theirs are). Their script reports the best test accuracy over
-epochs; ours the run's usual numbers.
+auxiliary head, and their auxiliary losses' weight (``aux_weight``) is 1, as here (the shared
+``--config.aux_weight`` is not read). BatchNorm uses batch statistics in the upper step's forwards
+but their running statistics are not updated there (theirs are). Their script reports the best test
+accuracy over epochs; ours the run's usual numbers.
 """
 
 from __future__ import annotations
@@ -224,8 +229,8 @@ class Maoal(base.Method):
     def check_fields(cls, fields) -> None:
         where = f"{cls.name}."
         if fields.modules not in LEVELS:
-            raise validation.ConfigError(f"--config.{where}modules={fields.modules!r} is not one of "
-                                         f"{LEVELS} (the backbone's blocks, or one per tensor)")
+            raise validation.ConfigError(f"--config.{where}modules={fields.modules!r} is not one "
+                                         f"of {LEVELS} (the backbone's blocks, or one per tensor)")
         validation.check_range("every", fields.every, "int", 1, prefix=where)
         validation.check_range("held_out_fraction", fields.held_out_fraction, "float", 0.0, False,
                                high=0.9, prefix=where)
@@ -415,12 +420,13 @@ class MaoalGenerate(Maoal):
     psi: tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "psi", hierarchy.validate_psi(self.psi, self.multitask.num_primary))
+        object.__setattr__(self, "psi",
+                           hierarchy.validate_psi(self.psi, self.multitask.num_primary))
         super().__post_init__()
         if not (self.multitask.num_auxiliary == self.generator.num_auxiliary == sum(self.psi)):
-            raise ValueError(f"the auxiliary head ({self.multitask.num_auxiliary}) and the generator "
-                             f"({self.generator.num_auxiliary}) need sum(psi) = {sum(self.psi)} "
-                             f"outputs")
+            raise ValueError(f"the auxiliary head ({self.multitask.num_auxiliary}) and the "
+                             f"generator ({self.generator.num_auxiliary}) need sum(psi) = "
+                             f"{sum(self.psi)} outputs")
 
     @classmethod
     def from_config(cls, config, setup: base.Setup):
