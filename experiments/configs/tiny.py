@@ -12,7 +12,7 @@ def get_config():
     c.epochs = 2
     c.max_steps_per_epoch = 3
     c.last_k = 2
-    for name in ("auxilearn", "auxilearn_generate", "dtg"):
+    for name in ("auxilearn", "auxilearn_generate", "dtg", "maoal", "maoal_generate"):
         c[name].every = 1
         c[name].held_out_fraction = 0.25
     c.olaux.every = 2
