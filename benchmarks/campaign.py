@@ -302,6 +302,7 @@ def child_epoch(spec: dict) -> None:
               "ConfigDict stand-in.\n")
     c = default.get_config()
     c.dataset, c.data_dir, c.download = "fashion_mnist", spec["data_dir"], False
+    c.primary_level = 0  # CIFAR-100 only
     c.arch, c.width, c.dtype = spec["arch"], spec["width"], spec["dtype"]
     c.epochs, c.last_k, c.augment = 1, 1, False
     c.max_steps_per_epoch = spec["max_steps_per_epoch"]
@@ -378,7 +379,8 @@ def step_rows(out_dir: pathlib.Path) -> list:
             continue
         for r in data["rows"]:
             peak = data["peaks"].get(r["precision"], {})
-            rows.append({**r, "run": label, "peak": peak.get("flops"),
+            run = label if r["framework"] == "JAX" else "-"
+            rows.append({**r, "run": run, "peak": peak.get("flops"),
                          "peak_source": peak.get("source", "")})
     # PyTorch rows: the FLOPs of the JAX step doing the same useful work
     useful = {}
@@ -392,7 +394,7 @@ def step_rows(out_dir: pathlib.Path) -> list:
 
 
 def steps_table(rows: list) -> str:
-    lines = ["| model | framework | run | step | variant | ms/step | GFLOP | TFLOP/s | "
+    lines = ["| model | framework | JAX run | step | variant | ms/step | GFLOP | TFLOP/s | "
              "% of peak (precision) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         f = r["flops"]
@@ -405,6 +407,11 @@ def steps_table(rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rate(flops_per_s: float) -> str:
+    return (f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e12 else
+            f"{flops_per_s / 1e9:.1f} GFLOP/s")
+
+
 def _median(rows, key):
     cands = [r["median_s"] for r in rows if r["key"].split("@")[0] == key]
     return min(cands) if cands else None
@@ -412,19 +419,21 @@ def _median(rows, key):
 
 def summary(out_dir: pathlib.Path, small: bool) -> str:
     rows = step_rows(out_dir)
-    steps_per_epoch = -(-CIFAR_TRAIN // BATCH)
+    batch = rows[0]["batch"] if rows else BATCH
+    steps_per_epoch = -(-CIFAR_TRAIN // batch)
     text = ["# Campaign summary\n"]
     if small:
-        text.append("**--small**: the small CNN at batch 32 on the step benchmark and 4 steps of "
-                    "the epoch run; the numbers check that the campaign runs, they measure "
-                    "nothing about VGG-16.\n")
+        text.append("**--small**: the small CNN (width 32) at batch 32 on the step benchmark, and "
+                    "4 steps of a width-8 small CNN at batch 100 in the epoch run: the numbers "
+                    "check that the campaign runs end to end; they measure nothing about VGG-16 "
+                    "and the two sections are not comparable.\n")
     t1_ref, t2_ref = _median(rows, "torch/theta1/reference"), _median(rows, "torch/theta2/reference")
     t1_pt, t2_pt = _median(rows, "torch/theta1"), _median(rows, "torch/theta2")
     t1_amp, t2_amp = _median(rows, "torch-autocast/theta1"), _median(rows, "torch-autocast/theta2")
     ref_epoch = steps_per_epoch * (t1_ref + t2_ref) if t1_ref and t2_ref else None
     text.append(f"## Reference epoch and 200 epochs from the step benchmark\n\nOne reference epoch "
                 f"= {steps_per_epoch} theta1 + {steps_per_epoch} theta2 steps (CIFAR-100, batch "
-                f"{BATCH}); data loading and evaluation not included.\n")
+                f"{batch}); data loading and evaluation not included.\n")
     text.append("| implementation | theta1 ms | theta2 ms | epoch s | 200 epochs min | "
                 "PyTorch as run / this |\n| --- | --- | --- | --- | --- | --- |")
     combos = []
@@ -457,12 +466,13 @@ def summary(out_dir: pathlib.Path, small: bool) -> str:
         text.append("## The measured MAXL epoch on Fashion-MNIST\n\n`epoch s`: the epoch's "
                     "training steps (theta1 and theta2 passes) as `maxl_jax.train` times them; "
                     "`wall s`: the whole process's run (data, compilation, evaluation, "
-                    "checkpoint). Projected to CIFAR-100: epoch s x 500 / steps per epoch.\n")
+                    "checkpoint). Projected to CIFAR-100: epoch s x 500 / steps per epoch "
+                    "(both at batch 100).\n")
         text.append("| dtype | device | steps/epoch | epoch s | wall s | test acc. | CIFAR-100 "
                     "epoch s (projected) | 200 epochs min | PyTorch as run / this |\n"
                     "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, e in epochs.items():
-            cifar = e["epoch_time_s"] * steps_per_epoch / e["steps_per_epoch"]
+            cifar = e["epoch_time_s"] * (CIFAR_TRAIN // BATCH) / e["steps_per_epoch"]
             ratio = f"{ref_epoch / cifar:.2f}x" if ref_epoch else "-"
             text.append(f"| {e['dtype']} (matmul {e['matmul_precision']}) | {e['device']} | "
                         f"{e['steps_per_epoch']} | {e['epoch_time_s']:.1f} | {e['wall_s']:.1f} | "
@@ -486,7 +496,7 @@ def summary(out_dir: pathlib.Path, small: bool) -> str:
         f, r = max(fr, key=lambda x: x[0])
         text.append(f"- >= {100 * TARGET_PEAK:.0f}% of the peak for the precision used: best "
                     f"{100 * f:.1f}% ({r['run']} {r['step']}, {r['precision']} peak "
-                    f"{r['peak'] / 1e12:.1f} TFLOP/s: {r['peak_source']}) - "
+                    f"{_rate(r['peak'])}: {r['peak_source']}) - "
                     f"{'met' if f >= TARGET_PEAK else 'NOT met'}; every row in steps.md")
     if best:
         name, epoch = min(best.items(), key=lambda kv: kv[1])

@@ -92,7 +92,7 @@ def test_the_summary_projects_epochs_and_checks_the_targets(tmp_path):
     assert "23.3 min projected (JAX bfloat16; training steps only) - NOT met" in text
     table = campaign.steps_table(campaign.step_rows(tmp_path))
     # a PyTorch row's FLOPs are those of the JAX step doing the same work: 4e12 / 0.1 s = 40 TFLOP/s
-    assert "| vgg16 | PyTorch | float32 | theta2 | v | 100.0 | 4000.0 | 40.000 | 8.1% (tf32) |" in table
+    assert "| vgg16 | PyTorch | - | theta2 | v | 100.0 | 4000.0 | 40.000 | 8.1% (tf32) |" in table
 
 
 def test_without_ml_collections_the_stand_in_builds_the_default_config(monkeypatch):
