@@ -3,7 +3,7 @@ precision against the PyTorch port, a one-epoch VGG-16 MAXL run on real Fashion-
 projections, each table written to ``benchmarks/results/``.
 
     python -m benchmarks.campaign [--small] [--out DIR] [--budget-minutes 25] [--dry-run]
-                                  [--only env,tests,steps,epoch] [--data-dir DIR]
+                                  [--only env,steps,epoch,tests] [--data-dir DIR]
 
 Steps (each a subprocess with its own timeout, its progress on stderr, its tables as markdown in
 ``--out``; the campaign itself never initialises JAX or CUDA, so the children get the whole GPU):
@@ -11,15 +11,13 @@ Steps (each a subprocess with its own timeout, its progress on stderr, its table
 1. ``env``: Python, JAX, jaxlib, Flax, optax, orbax, PyTorch versions, the devices, ``nvidia-smi``,
    which optional packages are absent, and the peak FLOP/s table (``benchmarks.steps.GPU_PEAKS``:
    H100/H200/A100 in float32, TF32 and bfloat16) -> ``environment.md``.
-2. ``tests``: the device-sensitive test files (:data:`GPU_TESTS`: convolution forms, models, MAXL,
-   estimators' parity with PyTorch, multi-device equality, precision) under pytest -> ``tests.md``.
-3. ``steps``: ``benchmarks.steps`` on VGG-16 at batch 100, one process per precision: JAX float32
+2. ``steps``: ``benchmarks.steps`` on VGG-16 at batch 100, one process per precision: JAX float32
    (``--matmul-precision float32``: true float32), JAX TF32 (``tensorfloat32``) and JAX bfloat16
    (``--dtype bfloat16``); the first also times the PyTorch port in float32 (its defaults: cuDNN
    convolutions in TF32) and under ``torch.autocast(bfloat16)`` -> ``steps_<label>.md`` (the raw
    tables) and ``steps.md`` (every row; achieved FLOP/s from XLA's ``cost_analysis()`` against the
    peak of the precision each row computes in).
-4. ``epoch``: one MAXL epoch of VGG-16 on the real Fashion-MNIST (60,000 training images: 600
+3. ``epoch``: one MAXL epoch of VGG-16 on the real Fashion-MNIST (60,000 training images: 600
    theta1 + 600 theta2 steps at batch 100, then the test set), through ``maxl_jax.train`` exactly as
    ``experiments.cifar`` runs it, in float32 (XLA's default matmul precision) and in bfloat16 ->
    ``epoch.md``. VGG-16 flattens after five 2x2 pools, so it needs 32x32 inputs: the 28x28 images are
@@ -27,6 +25,9 @@ Steps (each a subprocess with its own timeout, its progress on stderr, its table
    four IDX archives are read from ``--data-dir`` (default ``$MAXL_SHARED_DATA/fashion_mnist`` or
    ``../shared/data/fashion_mnist``); without ``ml_collections`` the config is built with a minimal
    stand-in (attribute access, ``get``, ``to_dict``), said so in the output.
+4. ``tests``: the device-sensitive test files (:data:`GPU_TESTS`: convolution forms, models, MAXL,
+   parity with PyTorch, multi-device equality, precision) under pytest -> ``tests.md``. Last, so
+   that a budget cut takes them (pytest runs them alone too) rather than the numbers.
 5. ``summary.md``: the reference epoch (500 + 500 steps, CIFAR-100 at batch 100) and 200 epochs
    projected for each JAX precision against PyTorch as the reference runs it (its extra diagnostic
    and discarded backward passes) and against PyTorch's autocast, the one-epoch run's measured
@@ -40,6 +41,13 @@ whole campaign runs end to end on a CPU in a few minutes (``benchmarks/results/c
 would not fit is skipped and marked so. ``--only`` runs some steps (e.g. on a machine lent for 10
 minutes at a time: ``--only env,steps`` then ``--only epoch`` into the same ``--out``; the summary
 reads whatever results the folder holds). ``--dry-run`` prints the plan and runs nothing.
+
+Expected on one H100/H200 (estimates, not yet measured): VGG-16 compiles in about a minute per
+program, so each step-benchmark run takes 1.5-3 minutes, each epoch run 2-3, the tests 3-5. On a
+machine whose commands are limited to 10 minutes, split it: ``--only env,steps --budget-minutes 9``,
+then ``--only epoch,tests --budget-minutes 9`` into the same ``--out``. The Fashion-MNIST archives
+must travel with the checkout there (e.g. copied into an ignored folder and given as
+``--data-dir``); without them the epoch step fails with the data layer's message.
 """
 
 from __future__ import annotations
@@ -67,7 +75,9 @@ GPU_TESTS = ("tests/test_precision.py", "tests/test_conv.py", "tests/test_models
 SMALL_TESTS = ("tests/test_precision.py",)
 SMALL_TESTS_FILTER = "convolutions or scale_gradient or every_method"
 
-STEPS = ("env", "tests", "steps", "epoch")
+#: In the order they run: the benchmarks before the tests, so a budget cut takes the tests (which
+#: pytest also runs alone) rather than the numbers.
+STEPS = ("env", "steps", "epoch", "tests")
 CIFAR_TRAIN, FMNIST_TRAIN, BATCH, EPOCHS = 50_000, 60_000, 100, 200
 TARGET_SPEEDUP, TARGET_PEAK, TARGET_MINUTES = 3.0, 0.40, 15.0
 
@@ -101,9 +111,9 @@ def steps_runs(small: bool) -> list[tuple[str, list[str]]]:
     return [
         ("float32", common + ["--dtype", "float32", "--matmul-precision", "float32",
                               "--torch-autocast"]),
+        ("bfloat16", common + ["--dtype", "bfloat16", "--notorch"]),
         ("tf32", common + ["--dtype", "float32", "--matmul-precision", "tensorfloat32",
                            "--notorch"]),
-        ("bfloat16", common + ["--dtype", "bfloat16", "--notorch"]),
     ]
 
 
@@ -111,8 +121,8 @@ def epoch_runs(small: bool, data_dir: str) -> list[tuple[str, dict]]:
     """(label, spec) of the one-epoch MAXL runs."""
     base = {"data_dir": data_dir, "arch": "small" if small else "vgg16",
             "width": 8 if small else 0, "max_steps_per_epoch": 4 if small else 0}
-    return [("float32", {**base, "dtype": "float32"}),
-            ("bfloat16", {**base, "dtype": "bfloat16"})]
+    return [("bfloat16", {**base, "dtype": "bfloat16"}),
+            ("float32", {**base, "dtype": "float32"})]
 
 
 def plan(args) -> list[Step]:
@@ -122,14 +132,6 @@ def plan(args) -> list[Step]:
         out.append(Step("env", "Environment", [Job("env", py + ["-m", "benchmarks.campaign",
                                                                 "--child-env"], 60,
                                                    "environment.md")]))
-    if "tests" in args.only:
-        files = SMALL_TESTS if args.small else GPU_TESTS
-        cmd = py + ["-m", "pytest", *files, "-q", "-rfE", "-p", "no:cacheprovider",
-                    "--junitxml", str(pathlib.Path(args.out) / "tests.xml")]
-        if args.small:
-            cmd += ["-k", SMALL_TESTS_FILTER]
-        out.append(Step("tests", "Device-sensitive tests",
-                        [Job("tests", cmd, 300, "tests_output.txt")]))
     if "steps" in args.only:
         jobs = []
         for label, flags in steps_runs(args.small):
@@ -146,6 +148,14 @@ def plan(args) -> list[Step]:
                                          json.dumps(spec)], 300 if args.small else 240,
                             f"epoch_{label}.log"))
         out.append(Step("epoch", "One MAXL epoch on Fashion-MNIST", jobs))
+    if "tests" in args.only:
+        files = SMALL_TESTS if args.small else GPU_TESTS
+        cmd = py + ["-m", "pytest", *files, "-q", "-rfE", "-p", "no:cacheprovider",
+                    "--junitxml", str(pathlib.Path(args.out) / "tests.xml")]
+        if args.small:
+            cmd += ["-k", SMALL_TESTS_FILTER]
+        out.append(Step("tests", "Device-sensitive tests",
+                        [Job("tests", cmd, 300, "tests_output.txt")]))
     return out
 
 
@@ -568,7 +578,7 @@ def main(argv=None):
         if s not in STEPS:
             ap.error(f"--only {s!r}: choose from {', '.join(STEPS)}")
     args.out = args.out or default_out(args.small)
-    args.data_dir = args.data_dir or default_data_dir()
+    args.data_dir = str(pathlib.Path(args.data_dir or default_data_dir()).resolve())
     steps = plan(args)
     budget = 60 * args.budget_minutes
     if args.dry_run:

@@ -16,7 +16,9 @@ networks' convolutions, matrix products, ReLUs and max-pools run in. What stays 
 
 bfloat16 keeps float32's exponent range, so nothing under- or overflows that would not in float32;
 only the mantissa is shorter (8 significant bits: a relative error of at most 2^-9 per rounding).
-It is the dtype to use on TPUs, Ampere-or-newer GPUs (A100, H100, H200) and recent CPUs.
+It is the dtype to use on TPUs and Ampere-or-newer GPUs (A100, H100, H200). On the CPU keep float32:
+XLA:CPU has no faster bfloat16 matmul on the 2-core AMD EPYC measured here, and the small CNN's
+MAXL steps ran 1.25-1.3x slower in bfloat16 (``benchmarks/results/precision_cpu.md``).
 
 float16 (5-bit exponent: values above 65504 overflow, gradients below ~6e-8 flush to zero) is
 accepted for GPUs without bfloat16, **with this note**: it runs without loss scaling by default, so
