@@ -2,19 +2,26 @@
 
     python -m benchmarks.steps [--model vgg16|small|both] [--batch 100] [--repeats 2]
                                [--conv-impl auto[,xla,...]] [--forms reverse,forward_over_reverse]
+                               [--dtype float32[,bfloat16,float16]] [--matmul-precision P]
                                [--torch | --notorch] [--torch-threads N[,M]] [--no-original-cost]
-                               [--pool library|reduce_window] [--profile DIR]
+                               [--torch-autocast] [--pool library|reduce_window] [--profile DIR]
 
 Rows, for each model (same weights, same random batch of 32x32x3 images, CIFAR-100's psi = [5]*20):
 
 * JAX theta1 step (``Maxl.train_step``) and theta2 step (``Maxl.meta_step``) for each
-  meta-gradient form and each ``--conv-impl``, compiled ahead of time (``jax.jit(...).lower().compile()``),
-  timed with ``jax.block_until_ready``;
+  meta-gradient form, each ``--conv-impl`` and each ``--dtype`` (the networks' compute dtype,
+  ``maxl_jax.precision``: float32 parameters, losses and meta-gradients whichever it is), compiled
+  ahead of time (``jax.jit(...).lower().compile()``), timed with ``jax.block_until_ready``;
+  ``--matmul-precision`` sets ``jax_default_matmul_precision`` for the whole process (on GPUs:
+  ``float32``/``highest`` for true float32 matmuls and convolutions, ``tensorfloat32``/``high`` for
+  TF32 tensor cores);
 * PyTorch (``benchmarks/torch_reference.py``): theta1 step; theta1 "as the reference runs it" (its two
   extra diagnostic backward passes for the gradient cosine similarity, and its backward also running
   into g's parameters); theta2 step; theta2 as the reference runs it (its ``.backward()`` also
   computes gradients of f's parameters, then discarded). ``torch.set_num_threads`` = the cores this
-  process may use (``--torch-threads`` to change).
+  process may use (``--torch-threads`` to change). ``--torch-autocast`` adds the theta1 and theta2
+  steps under ``torch.autocast(dtype=torch.bfloat16)`` (PyTorch's mixed precision: convolutions and
+  matmuls in bfloat16, BatchNorm, softmax and losses float32).
 
 Every step is run once (warm-up; for JAX after compiling), then ``--repeats`` times; the table shows the
 median. Columns:
@@ -32,10 +39,11 @@ median. Columns:
 * GFLOP: XLA's cost analysis of the compiled JAX step (``compiled.cost_analysis()['flops']``). PyTorch
   rows use the count of the JAX step that does the same useful work (theta1, theta2 'reverse'): the
   reference's extra diagnostic / discarded work is not counted as useful;
-* % of peak: achieved FLOP rate / the device's peak. On the CPU the peak is *measured in the same run*
-  as the median rate of a large float32 matrix product (``--peak-matmul N``, JAX); on a GPU the dense
-  spec-sheet peak for float32 matmuls at XLA's default precision (TF32 on H100/H200/A100) when the
-  device is known, else the measured matmul (``--peak-tflops`` overrides).
+* % of peak: achieved FLOP rate / the device's peak *for the precision the row computes in*. On the
+  CPU the peak is *measured in the same run* as the median rate of a large matrix product in that
+  dtype (``--peak-matmul N``, JAX); on a GPU the dense spec-sheet peak of :data:`GPU_PEAKS` (float32,
+  TF32 or bfloat16/float16 tensor cores) when the device is known, else the measured matmul
+  (``--peak-tflops`` overrides all).
 
 ``--profile DIR`` adds, per JAX step, the time of one traced call summed by XLA op kind (``ynn_fusion``:
 XLA:CPU's matrix products; ``concatenate`` / ``pad_slice_fusion``: the im2col copies of the "patches"
@@ -70,9 +78,16 @@ TRAIN_EXAMPLES = 50_000
 EPOCHS = 200
 REFERENCE_HOURS = 30.0  # MAXL on a GTX 1080, as reported by the reference's authors
 FORMS = ("reverse", "forward_over_reverse")
-# Dense spec-sheet peaks (FLOP/s) of float32 matmuls at XLA's default precision (TF32 tensor cores).
-GPU_PEAKS = {"H100 PCIe": (378e12, "TF32 dense"), "H100": (494.7e12, "TF32 dense (SXM)"),
-             "H200": (494.7e12, "TF32 dense"), "A100": (156e12, "TF32 dense")}
+# Dense (no sparsity) spec-sheet peaks in FLOP/s by precision: plain float32 (CUDA cores), TF32 and
+# bfloat16 (= float16) tensor cores. NVIDIA's data sheets (H100 and H200 SXM; H100 PCIe; A100 SXM).
+# The first name contained in the device kind wins, so "H100 PCIe" comes before "H100".
+GPU_PEAKS = {
+    "H100 PCIe": {"fp32": 51e12, "tf32": 378e12, "bf16": 756e12},
+    "H100": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    "H200": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    "A100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
+}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -155,6 +170,7 @@ class Row:
     profile: tuple | None = None  # op_profile's result (JAX, --profile)
     batch: int = 0
     key: str = ""  # identifies the row for ratios / projections
+    precision: str = "fp32"  # "fp32" | "tf32" | "bf16": which peak '% of peak' divides by
 
     @property
     def median(self) -> float:
@@ -162,10 +178,10 @@ class Row:
 
 
 # --------------------------------------------------------------------------------------- peak
-def measure_matmul_peak(n: int, repeats: int) -> float:
-    """Median FLOP/s of an (n x n) @ (n x n) float32 product in JAX on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def measure_matmul_peak(n: int, repeats: int, dtype=jnp.float32) -> float:
+    """Median FLOP/s of an (n x n) @ (n x n) product in ``dtype`` in JAX on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.matmul).lower(a, b).compile()
     jax.block_until_ready(f(a, b))
     ts = []
@@ -176,21 +192,41 @@ def measure_matmul_peak(n: int, repeats: int) -> float:
     return 2.0 * n ** 3 / statistics.median(ts)
 
 
-def device_peak(args, measured: float) -> tuple[float, str]:
+def row_precision(dtype: str, matmul_precision: str | None = None) -> str:
+    """The peak a JAX row's matmuls run at: ``"bf16"`` for a bfloat16/float16 network; for float32,
+    ``"fp32"`` on the CPU or at ``float32``/``highest`` matmul precision, else ``"tf32"`` on a GPU
+    (XLA's default and ``tensorfloat32``/``high`` use TF32 tensor cores on Ampere and newer)."""
+    if dtype in ("bfloat16", "float16"):
+        return "bf16"
+    if jax.default_backend() != "gpu":
+        return "fp32"
+    mp = (matmul_precision or "default").lower()
+    return "fp32" if mp in ("float32", "highest", "fp32") else "tf32"
+
+
+def device_peaks(args, measured: dict) -> dict:
+    """``{"fp32" | "tf32" | "bf16": (FLOP/s, where it comes from)}`` for this device.
+
+    ``measured`` maps ``"fp32"`` and ``"bf16"`` to this run's matmul rates (float32, bfloat16)."""
     dev = jax.devices()[0]
     if args.peak_tflops:
-        return args.peak_tflops * 1e12, "given with --peak-tflops"
+        return {k: (args.peak_tflops * 1e12, "given with --peak-tflops")
+                for k in ("fp32", "tf32", "bf16")}
     if dev.platform == "gpu":
-        for name, (peak, what) in GPU_PEAKS.items():
+        for name, peaks in GPU_PEAKS.items():
             if name in dev.device_kind:
-                return peak, f"{dev.device_kind} spec sheet, {what}"
-    return measured, (f"measured: median of a {args.peak_matmul}x{args.peak_matmul} float32 "
-                      f"matmul in JAX in this run")
+                return {k: (v, f"{dev.device_kind} spec sheet, {k} dense") for k, v in peaks.items()}
+    n = args.peak_matmul
+    out = {k: (v, f"measured: {n}x{n} {'float32' if k == 'fp32' else 'bfloat16'} matmul in JAX "
+                  f"in this run") for k, v in measured.items()}
+    out.setdefault("tf32", out["fp32"])
+    return out
 
 
 # --------------------------------------------------------------------------------------- JAX
-def build_maxl(model: str, conv_impl: str, form: str) -> Maxl:
-    f, g = models.make_networks(model, len(PSI), sum(PSI), sum(PSI), conv_impl=conv_impl)
+def build_maxl(model: str, conv_impl: str, form: str, dtype: str = "float32") -> Maxl:
+    f, g = models.make_networks(model, len(PSI), sum(PSI), sum(PSI), conv_impl=conv_impl,
+                                dtype=dtype)
     f_opt, g_opt, inner_lr = steps.reference_optimizers(steps_per_epoch=TRAIN_EXAMPLES // 100)
     return Maxl(multitask=f, multitask_optimizer=f_opt, generator=g, psi=PSI,
                 generator_optimizer=g_opt, inner_lr=inner_lr, meta_form=form)
@@ -279,20 +315,24 @@ def jax_rows(model: str, args, batch_np: dict) -> tuple[list, object]:
     rows = []
     state = None
     batch = jax.device_put(batch_np)
-    for impl in args.conv_impl:
-        base = build_maxl(model, impl, FORMS[0])
-        if state is None:  # the parameters do not depend on the conv implementation
-            state = jax.block_until_ready(base.init(jax.random.key(0), (32, 32, 3)))
-        print(f"  JAX theta1, conv {impl} ...", file=sys.stderr, flush=True)
-        out = time_jax(base.train_step, state, batch, args.repeats, args.profile)
-        rows.append(Row(model, "JAX", "theta1", f"conv {impl}", *out, batch=args.batch,
-                        key=f"jax/theta1/{impl}"))
-        for form in args.forms:
-            print(f"  JAX theta2 {form}, conv {impl} ...", file=sys.stderr, flush=True)
-            m = build_maxl(model, impl, form)
-            out = time_jax(m.meta_step, state, {"train": batch}, args.repeats, args.profile)
-            rows.append(Row(model, "JAX", "theta2", f"{form}, conv {impl}", *out, batch=args.batch,
-                            key=f"jax/theta2/{form}/{impl}"))
+    for dtype in args.dtype:
+        prec = row_precision(dtype, args.matmul_precision)
+        for impl in args.conv_impl:
+            # the label of this implementation and dtype in keys and variants ("/"-free)
+            cfg = impl if dtype == "float32" else f"{impl} {dtype}"
+            base = build_maxl(model, impl, FORMS[0], dtype)
+            if state is None:  # the parameters depend on neither the conv nor the dtype
+                state = jax.block_until_ready(base.init(jax.random.key(0), (32, 32, 3)))
+            print(f"  JAX theta1, conv {cfg} ...", file=sys.stderr, flush=True)
+            out = time_jax(base.train_step, state, batch, args.repeats, args.profile)
+            rows.append(Row(model, "JAX", "theta1", f"conv {cfg}", *out, batch=args.batch,
+                            key=f"jax/theta1/{cfg}", precision=prec))
+            for form in args.forms:
+                print(f"  JAX theta2 {form}, conv {cfg} ...", file=sys.stderr, flush=True)
+                m = build_maxl(model, impl, form, dtype)
+                out = time_jax(m.meta_step, state, {"train": batch}, args.repeats, args.profile)
+                rows.append(Row(model, "JAX", "theta2", f"{form}, conv {cfg}", *out,
+                                batch=args.batch, key=f"jax/theta2/{form}/{cfg}", precision=prec))
     return rows, state
 
 
@@ -315,6 +355,14 @@ def torch_rows(model: str, args, state, batch_np: dict, threads: int) -> list:
         if dev == "cuda":
             torch.cuda.synchronize()
 
+    def autocast(fn):
+        def run():
+            with torch.autocast(device_type=dev, dtype=torch.bfloat16):
+                return fn()
+        return run
+
+    # PyTorch's float32 on a GPU is its default: cuDNN convolutions in TF32, matmuls in float32
+    torch_prec = ("tf32" if dev == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32")
     jobs = [
         ("theta1", "", lambda: tr.theta1_step(fp, fs, gp, gs, x, y, PSI)),
         ("theta1", "+ 2 diagnostic backward passes, as the reference runs it",
@@ -325,6 +373,14 @@ def torch_rows(model: str, args, state, batch_np: dict, threads: int) -> list:
     if args.original_cost:
         jobs.append(("theta2", "as the reference runs it (backward also into f)",
                      lambda: tr.theta2_step(fp, fs, gp, gs, x, y, PSI, original_cost=True)))
+    if args.torch_autocast:
+        jobs += [
+            ("theta1", AUTOCAST, autocast(lambda: tr.theta1_step(fp, fs, gp, gs, x, y, PSI))),
+            ("theta1", f"{AUTOCAST} + 2 diagnostic backward passes, as the reference runs it",
+             autocast(lambda: tr.theta1_step(fp, fs, gp, gs, x, y, PSI, diagnostics=True,
+                                             original_cost=args.original_cost))),
+            ("theta2", AUTOCAST, autocast(lambda: tr.theta2_step(fp, fs, gp, gs, x, y, PSI))),
+        ]
     rows = []
     for step, variant, fn in jobs:
         print(f"  PyTorch {step} {variant} ({threads} threads) ...", file=sys.stderr, flush=True)
@@ -340,11 +396,17 @@ def torch_rows(model: str, args, state, batch_np: dict, threads: int) -> list:
             fn()
             sync()
             times.append(time.perf_counter() - t)
-        key = f"torch/{step}" + ("/reference" if variant else "") + f"@{threads}"
+        amp = variant.startswith(AUTOCAST)
+        extra = variant[len(AUTOCAST):] if amp else variant
+        key = (("torch-autocast" if amp else "torch") + f"/{step}"
+               + ("/reference" if extra.strip() else "") + f"@{threads}")
         rows.append(Row(model, "PyTorch", step, f"{variant or '-'}; {threads} threads", times,
-                        rss_growth=mem.growth,
-                        device_peak=peak, batch=args.batch, key=key))
+                        rss_growth=mem.growth, device_peak=peak, batch=args.batch, key=key,
+                        precision="bf16" if amp else torch_prec))
     return rows
+
+
+AUTOCAST = "autocast bfloat16"
 
 
 # --------------------------------------------------------------------------------------- report
@@ -354,7 +416,7 @@ def fastest_torch(rows: list, model: str, key: str):
     return min(cands, key=lambda r: r.median) if cands else None
 
 
-def print_step_table(rows: list, peak: float):
+def print_step_table(rows: list, peaks: dict):
     by_key = {(r.model, r.key): r for r in rows}
     # useful FLOPs of a PyTorch row: the JAX step with the same math (first conv impl measured)
     for r in rows:
@@ -362,7 +424,8 @@ def print_step_table(rows: list, peak: float):
             for k, jr in by_key.items():
                 if k[0] == r.model and jr.framework == "JAX" and (
                         (r.step == "theta1" and jr.key.startswith("jax/theta1/")) or
-                        (r.step == "theta2" and jr.key.startswith("jax/theta2/reverse/"))):
+                        (r.step == "theta2" and jr.key.startswith("jax/theta2/reverse/"))) \
+                        and jr.flops:
                     r.flops = jr.flops
                     break
     print("| model | framework | step | variant | ms/step | images/s | PyTorch/JAX time | "
@@ -376,11 +439,28 @@ def print_step_table(rows: list, peak: float):
             if ref is not None:
                 ratio = f"{ref.median / r.median:.2f}x"
         gflop = f"{r.flops / 1e9:.1f}" if r.flops else "-"
-        frac = f"{100 * r.flops / r.median / peak:.1f}%" if r.flops else "-"
+        frac = (f"{100 * r.flops / r.median / peaks[r.precision][0]:.1f}% ({r.precision})"
+                if r.flops else "-")
         print(f"| {r.model} | {r.framework} | {r.step} | {r.variant} | {1e3 * r.median:.0f} | "
               f"{r.batch / r.median:.1f} | {ratio} | "
               f"{'-' if r.compile_s is None else f'{r.compile_s:.1f}'} | {fmt_bytes(r.rss_growth)} | "
               f"{fmt_bytes(r.xla_bytes)} | {fmt_bytes(r.device_peak)} | {gflop} | {frac} |")
+
+
+def write_json(path: str, rows: list, peaks: dict) -> None:
+    import json
+
+    dev = jax.devices()[0]
+    out = {"device": {"platform": dev.platform, "kind": dev.device_kind},
+           "matmul_precision": jax.config.jax_default_matmul_precision,
+           "peaks": {k: {"flops": v, "source": what} for k, (v, what) in peaks.items()},
+           "rows": [{"model": r.model, "framework": r.framework, "step": r.step,
+                     "variant": r.variant, "key": r.key, "precision": r.precision,
+                     "median_s": r.median, "times_s": list(r.times), "batch": r.batch,
+                     "flops": r.flops, "compile_s": r.compile_s, "device_peak": r.device_peak}
+                    for r in rows]}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 def print_profiles(rows: list, top: int = 12):
@@ -407,7 +487,9 @@ def print_projection(rows: list, batch: int):
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in dict.fromkeys(r.model for r in rows):
         by_key = {r.key: r for r in rows if r.model == model}
-        for k in ("torch/theta1", "torch/theta1/reference", "torch/theta2", "torch/theta2/reference"):
+        for k in ("torch/theta1", "torch/theta1/reference", "torch/theta2", "torch/theta2/reference",
+                  "torch-autocast/theta1", "torch-autocast/theta1/reference",
+                  "torch-autocast/theta2"):
             best = fastest_torch(rows, model, k)  # PyTorch at its fastest thread count
             if best is not None:
                 by_key[k] = best
@@ -425,6 +507,11 @@ def print_projection(rows: list, batch: int):
             combos.append((f"PyTorch, without the reference's extra work "
                            f"({threads('torch/theta1', 'torch/theta2')} threads)",
                            by_key["torch/theta1"].median, by_key["torch/theta2"].median))
+        if "torch-autocast/theta1" in by_key and "torch-autocast/theta2" in by_key:
+            combos.append((f"PyTorch autocast bfloat16, without the reference's extra work "
+                           f"({threads('torch-autocast/theta1', 'torch-autocast/theta2')} threads)",
+                           by_key["torch-autocast/theta1"].median,
+                           by_key["torch-autocast/theta2"].median))
         ref = None
         if "torch/theta1/reference" in by_key:
             k2 = "torch/theta2/reference" if "torch/theta2/reference" in by_key else "torch/theta2"
@@ -450,6 +537,17 @@ def main(argv=None):
                     help="comma-separated maxl_jax.conv implementations: auto, xla, patches, "
                          "shifted_matmul (default auto)")
     ap.add_argument("--forms", default=",".join(FORMS), help="meta-gradient forms to time")
+    ap.add_argument("--dtype", default="float32",
+                    help=f"comma-separated compute dtypes of the JAX networks, each timed: "
+                         f"{', '.join(DTYPES)} (default float32)")
+    ap.add_argument("--matmul-precision", default=None,
+                    help="jax_default_matmul_precision for this process (e.g. float32 / highest, "
+                         "tensorfloat32 / high, bfloat16 / default)")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="also write every row (median seconds, FLOPs, precision, key) and the "
+                         "peaks as JSON (for benchmarks.campaign)")
+    ap.add_argument("--torch-autocast", action="store_true",
+                    help="also time the PyTorch steps under torch.autocast(bfloat16)")
     ap.add_argument("--torch", dest="torch", action="store_true", default=True,
                     help="also time the PyTorch reference port (default)")
     ap.add_argument("--notorch", "--no-torch", dest="torch", action="store_false")
@@ -471,6 +569,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.conv_impl = args.conv_impl.split(",")
     args.forms = args.forms.split(",")
+    args.dtype = args.dtype.split(",")
+    for d in args.dtype:
+        if d not in DTYPES:
+            ap.error(f"--dtype {d!r}: choose from {', '.join(DTYPES)}")
+    if args.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     args.torch_threads = [int(t) for t in str(args.torch_threads).split(",")]
     models_ = ("vgg16", "small") if args.model == "both" else (args.model,)
     if args.pool == "reduce_window":  # ConvBackbone looks the function up when it is traced
@@ -486,14 +590,18 @@ def main(argv=None):
     print(f"machine: {cpu_model()}, {num_cores()} cores usable; python {platform.python_version()}; "
           f"{versions}")
     print(f"device: {dev.platform} ({dev.device_kind}); JAX default matmul precision: "
-          f"{jax.config.jax_default_matmul_precision or 'default'}; float32 parameters; "
-          f"JAX max-pool: {args.pool}")
+          f"{jax.config.jax_default_matmul_precision or 'default'}; float32 parameters, JAX "
+          f"compute dtype(s): {', '.join(args.dtype)}; JAX max-pool: {args.pool}")
     print(f"batch {args.batch}, median of {args.repeats} after a warm-up; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    measured = measure_matmul_peak(args.peak_matmul, args.repeats)
-    peak, peak_what = device_peak(args, measured)
-    print(f"peak FLOP rate used for '% of peak': {peak / 1e9:.1f} GFLOP/s ({peak_what}); "
-          f"measured {args.peak_matmul}^3 float32 matmul: {measured / 1e9:.1f} GFLOP/s\n")
+    measured = {"fp32": measure_matmul_peak(args.peak_matmul, args.repeats)}
+    if any(d != "float32" for d in args.dtype) or args.torch_autocast:
+        measured["bf16"] = measure_matmul_peak(args.peak_matmul, args.repeats, jnp.bfloat16)
+    peaks = device_peaks(args, measured)
+    for k, (v, what) in peaks.items():
+        print(f"peak FLOP rate for '% of peak' ({k}): {v / 1e9:.1f} GFLOP/s ({what})")
+    print("measured " + ", ".join(f"{args.peak_matmul}^3 {k} matmul: {v / 1e9:.1f} GFLOP/s"
+                                  for k, v in measured.items()) + "\n")
 
     rows = []
     batch_np = make_batch(args.batch)
@@ -505,7 +613,9 @@ def main(argv=None):
             for threads in args.torch_threads:
                 rows += torch_rows(model, args, state, batch_np, threads)
         del state
-    print_step_table(rows, peak)
+    print_step_table(rows, peaks)
+    if args.json:
+        write_json(args.json, rows, peaks)
     print_projection(rows, args.batch)
     print_profiles(rows)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -58,6 +58,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from maxl_jax import precision as precision_lib
+
 IMPLS = ("xla", "shifted_matmul", "patches", "auto")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -147,6 +149,11 @@ class Conv3x3(nn.Module):
     Parameters are named and shaped exactly like ``nn.Conv``'s (``kernel`` ``(3, 3, Cin,
     features)``, ``bias`` ``(features,)``), so parameter trees and checkpoints interchange.
     Input: ``(N, H, W, Cin)`` (exactly one batch axis).
+
+    ``dtype``: the computation dtype; ``None`` promotes the input and the parameters to their common
+    dtype (as ``nn.Conv``); given, the input and the (``param_dtype``) parameters are cast to it at use
+    through ``precision.cast_in``, whose gradient is divided by ``loss_scale`` (float16's static loss
+    scale, see ``maxl_jax.precision``; 1 otherwise).
     """
 
     features: int
@@ -157,6 +164,7 @@ class Conv3x3(nn.Module):
     dtype: Any = None  # computation dtype (None: promote inputs and params, like nn.Conv)
     param_dtype: Any = jnp.float32
     precision: Any = None
+    loss_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x):
@@ -166,5 +174,11 @@ class Conv3x3(nn.Module):
                             self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.dtype is None:
+            x, kernel, bias = promote_dtype(x, kernel, bias, dtype=None)
+        else:
+            x = x.astype(self.dtype)
+            kernel = precision_lib.cast_in(kernel, self.dtype, self.loss_scale)
+            bias = None if bias is None else precision_lib.cast_in(bias, self.dtype,
+                                                                   self.loss_scale)
         return conv3x3(x, kernel, bias, impl=self.impl, precision=self.precision)

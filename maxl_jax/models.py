@@ -12,17 +12,23 @@ Variables: ``{'params': ..., 'batch_stats': ...}``. Call with ``train=True`` and
 Backbones: the reference CIFAR VGG-16-BN (``vgg16``) and a small CNN for 2-core CPUs (``small``).
 Initialisation follows the reference: Xavier-uniform weights in f, Xavier-normal in g, zero biases,
 BatchNorm scale 1 and bias 0.
+
+Precision (``dtype``, ``loss_scale``; see ``maxl_jax.precision``): parameters are always float32 and
+cast to ``dtype`` at each use; convolutions, dense layers, ReLUs and max-pools compute in ``dtype``;
+BatchNorm computes its statistics and normalisation in float32; the logits leave each network as
+float32, so every loss, softmax and log-softmax downstream is float32.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maxl_jax import precision
 from maxl_jax.conv import Conv3x3
 
 Initializer = Callable[..., jax.Array]
@@ -71,17 +77,27 @@ class BatchNorm(nn.Module):
     over all devices of that axis (synchronised BatchNorm), so a sharded batch matches one device.
     With ``mask`` (``(B,)``, 0 for padding examples) the statistics are those of the real examples
     alone, so a batch padded to a multiple of the device count gives the unpadded batch's numbers.
+
+    Precision: whatever the input's dtype, the statistics, the normalisation and the running
+    statistics are float32 (the input is cast up first); the output is cast back to the input's
+    dtype. ``loss_scale``: see ``maxl_jax.precision`` (the float32 scale and bias are used through
+    ``precision.cast_in`` so their gradients are unscaled like every other parameter's).
     """
 
     momentum: float = 0.9
     epsilon: float = 1e-5
+    loss_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
                  mask: jax.Array | None = None) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,))
-        bias = self.param("bias", nn.initializers.zeros, (features,))
+        out_dtype = x.dtype
+        x = x.astype(jnp.float32)
+        scale = precision.cast_in(self.param("scale", nn.initializers.ones, (features,)),
+                                  jnp.float32, self.loss_scale)
+        bias = precision.cast_in(self.param("bias", nn.initializers.zeros, (features,)),
+                                 jnp.float32, self.loss_scale)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if train and mask is not None:
@@ -106,7 +122,7 @@ class BatchNorm(nn.Module):
                 ra_var.value = m * ra_var.value + (1 - m) * unbiased
         else:
             mean, var = ra_mean.value, ra_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(out_dtype)
 
 
 def _masked_moments(x: jax.Array, mask: jax.Array, axis_name: str | None):
@@ -157,7 +173,8 @@ class ConvBackbone(nn.Module):
     (32x32x3 -> 1x1x512 -> flatten). With ``global_pool`` the last feature map is averaged over space,
     so any input size works (the small CNN accepts 28x28x1 and 32x32x3).
 
-    Input ``(B, H, W, C)`` float; output ``(B, features)``.
+    Input ``(B, H, W, C)`` float; output ``(B, features)`` in ``dtype`` (the compute dtype: the
+    input is cast to it first; ``loss_scale`` as in ``maxl_jax.precision``).
     """
 
     filters: Sequence[int] = VGG16_FILTERS
@@ -165,37 +182,70 @@ class ConvBackbone(nn.Module):
     global_pool: bool = False
     kernel_init: Initializer = XAVIER_UNIFORM
     conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    loss_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
                  mask: jax.Array | None = None) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"expected images of shape (batch, height, width, channels), got {x.shape}")
+        blocks = len(self.filters)
+        if not self.global_pool and min(x.shape[1:3]) < 2 ** blocks:
+            raise ValueError(
+                f"images of {x.shape[1]}x{x.shape[2]} pixels shrink to nothing through this "
+                f"backbone's {blocks} 2x2 max-pools (it flattens its last feature map): it needs at "
+                f"least {2 ** blocks}x{2 ** blocks} (pad the images, e.g. Fashion-MNIST's 28x28 to "
+                f"32x32, or use a backbone with global pooling such as arch='small')")
+        x = precision.cast_in(x, self.dtype, self.loss_scale)
         layer = 0
         for features, n_convs in zip(self.filters, self.convs_per_block):
             for _ in range(n_convs):
                 x = Conv3x3(features, kernel_init=self.kernel_init, impl=self.conv_impl,
-                            name=f"conv_{layer}")(x)
-                x = BatchNorm(name=f"bn_{layer}")(x, train, axis_name, mask)
+                            dtype=self.dtype, loss_scale=self.loss_scale, name=f"conv_{layer}")(x)
+                x = BatchNorm(loss_scale=self.loss_scale, name=f"bn_{layer}")(x, train, axis_name,
+                                                                              mask)
                 x = nn.relu(x)
                 layer += 1
             x = max_pool_2x2(x)
-        if self.global_pool:
-            return jnp.mean(x, axis=(1, 2))
+        if self.global_pool:  # the spatial mean accumulated in float32
+            return jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(self.dtype)
         return x.reshape(x.shape[0], -1)
 
 
+class Dense(nn.Module):
+    """``nn.Dense`` (same parameter names and shapes: ``kernel (in, features)``, ``bias``) with
+    float32 parameters cast to the compute ``dtype`` at use through ``precision.cast_in``."""
+
+    features: int
+    kernel_init: Initializer = XAVIER_UNIFORM
+    dtype: Any = jnp.float32
+    loss_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel = precision.cast_in(kernel, self.dtype, self.loss_scale)
+        bias = precision.cast_in(bias, self.dtype, self.loss_scale)
+        return jnp.dot(x.astype(self.dtype), kernel) + bias
+
+
 class Head(nn.Module):
-    """``Dense(width) - ReLU - Dense(num_classes)``, returning logits."""
+    """``Dense(width) - ReLU - Dense(num_classes)`` in ``dtype``, returning float32 logits
+    (``precision.cast_out``: the losses downstream are float32)."""
 
     width: int
     num_classes: int
     kernel_init: Initializer = XAVIER_UNIFORM
+    dtype: Any = jnp.float32
+    loss_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.relu(nn.Dense(self.width, kernel_init=self.kernel_init, name="hidden")(x))
-        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="out")(x)
+        dense = dict(kernel_init=self.kernel_init, dtype=self.dtype, loss_scale=self.loss_scale)
+        x = nn.relu(Dense(self.width, **dense, name="hidden")(x))
+        return precision.cast_out(Dense(self.num_classes, **dense, name="out")(x), self.loss_scale)
 
 
 class MultiTaskNet(nn.Module):
@@ -212,8 +262,10 @@ class MultiTaskNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
                  mask: jax.Array | None = None):
         h = self.backbone(x, train, axis_name, mask)
-        primary = Head(self.head_width, self.num_primary, self.kernel_init, name="primary_head")(h)
-        auxiliary = Head(self.head_width, self.num_auxiliary, self.kernel_init,
+        prec = dict(dtype=self.backbone.dtype, loss_scale=self.backbone.loss_scale)
+        primary = Head(self.head_width, self.num_primary, self.kernel_init, **prec,
+                       name="primary_head")(h)
+        auxiliary = Head(self.head_width, self.num_auxiliary, self.kernel_init, **prec,
                          name="auxiliary_head")(h)
         return primary, auxiliary
 
@@ -236,10 +288,11 @@ class LabelGenerator(nn.Module):
     def __call__(self, x: jax.Array, train: bool, axis_name: str | None = None,
                  mask: jax.Array | None = None):
         h = self.backbone(x, train, axis_name, mask)
-        logits = Head(self.head_width, self.num_auxiliary, self.kernel_init, name="head")(h)
+        prec = dict(dtype=self.backbone.dtype, loss_scale=self.backbone.loss_scale)
+        logits = Head(self.head_width, self.num_auxiliary, self.kernel_init, **prec, name="head")(h)
         if not self.weight_head:
             return logits
-        weight = Head(self.head_width, 1, self.kernel_init, name="weight_head")(h)
+        weight = Head(self.head_width, 1, self.kernel_init, **prec, name="weight_head")(h)
         return logits, weight[:, 0]
 
 
@@ -247,31 +300,41 @@ ARCHITECTURES = ("vgg16", "small")
 
 
 def make_backbone(arch: str, kernel_init: Initializer, conv_impl: str = "auto",
-                  width: int | None = None) -> ConvBackbone:
+                  width: int | None = None, dtype: Any = "float32",
+                  loss_scale: float | None = None) -> ConvBackbone:
     """``arch='vgg16'`` (reference CIFAR VGG-16-BN) or ``'small'`` (3 conv blocks, global pooling;
-    ``width`` scales its first block's filters, default 32 -> filters (32, 64, 128))."""
+    ``width`` scales its first block's filters, default 32 -> filters (32, 64, 128)).
+
+    ``dtype``: the compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); ``loss_scale``: the
+    static loss scale (``None`` or 0: 1, none; see ``maxl_jax.precision``)."""
+    dt = precision.compute_dtype(dtype)
+    prec = dict(dtype=dt, loss_scale=precision.resolve_loss_scale(dt, loss_scale))
     if arch == "vgg16":
-        return ConvBackbone(VGG16_FILTERS, VGG16_CONVS_PER_BLOCK, False, kernel_init, conv_impl)
+        return ConvBackbone(VGG16_FILTERS, VGG16_CONVS_PER_BLOCK, False, kernel_init, conv_impl,
+                            **prec)
     if arch == "small":
         w = width or SMALL_FILTERS[0]
         filters = tuple(w * 2 ** i for i in range(len(SMALL_FILTERS)))
-        return ConvBackbone(filters, SMALL_CONVS_PER_BLOCK, True, kernel_init, conv_impl)
+        return ConvBackbone(filters, SMALL_CONVS_PER_BLOCK, True, kernel_init, conv_impl, **prec)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
 
 
 def make_networks(arch: str, num_primary: int, num_auxiliary: int, generator_classes: int,
                   *, conv_impl: str = "auto", width: int | None = None,
-                  head_width: int | None = None,
-                  generator_weight_head: bool = False) -> tuple[MultiTaskNet, LabelGenerator]:
+                  head_width: int | None = None, generator_weight_head: bool = False,
+                  dtype: Any = "float32",
+                  loss_scale: float | None = None) -> tuple[MultiTaskNet, LabelGenerator]:
     """The multi-task network and the label generator with the reference's initialisation.
 
     ``num_auxiliary`` is the multi-task network's auxiliary head size (``sum(psi)``, or the number of
     fine classes for the human auxiliary task); ``generator_classes`` is ``sum(psi)``. ``head_width``
     defaults to 512 for VGG-16 and to the backbone's output width for the small CNN.
-    ``generator_weight_head`` adds WAMAL's per-example weight head to the generator.
+    ``generator_weight_head`` adds WAMAL's per-example weight head to the generator. ``dtype`` and
+    ``loss_scale``: both networks' compute precision (``maxl_jax.precision``; parameters stay
+    float32 and the logits come out float32).
     """
-    f_backbone = make_backbone(arch, XAVIER_UNIFORM, conv_impl, width)
-    g_backbone = make_backbone(arch, XAVIER_NORMAL, conv_impl, width)
+    f_backbone = make_backbone(arch, XAVIER_UNIFORM, conv_impl, width, dtype, loss_scale)
+    g_backbone = make_backbone(arch, XAVIER_NORMAL, conv_impl, width, dtype, loss_scale)
     if head_width is None:
         head_width = 512 if arch == "vgg16" else f_backbone.filters[-1]
     multitask = MultiTaskNet(num_primary, num_auxiliary, f_backbone, head_width, XAVIER_UNIFORM)

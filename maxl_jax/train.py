@@ -115,6 +115,11 @@ def run_identity(config, method: Method, held: dict | None = None) -> dict:
     fields, the shared fields the method reads, its own config, its tasks and hierarchy, and what
     the held-out split holds."""
     ident = {k: config.get(k) for k in IDENTITY_FIELDS}
+    # The compute precision changes the trajectory: part of the identity, recorded only when it is
+    # not the default, so checkpoints written before the setting existed (all float32) still resume.
+    dtype, scale = config.get("dtype") or "float32", float(config.get("loss_scale") or 1.0)
+    if dtype != "float32" or scale != 1.0:
+        ident["dtype"], ident["loss_scale"] = dtype, scale
     ident.update({k: config.get(k) for k in type(method).config_fields})
     if method.name in config:
         ident[method.name] = config[method.name].to_dict()

@@ -90,12 +90,31 @@ def validate_config(config) -> None:
         if name in config:
             check_range(name, config[name], kind, low, inclusive,
                         high=1.0 if name == "train_fraction" else None)
+    check_precision(config)
     if "method" in config:
         try:
             cls = methods.get(config.method)
         except ValueError as e:
             raise ConfigError(f"--method / --config.method: {e}") from None
         cls.validate_config(config)
+
+
+def check_precision(config) -> None:
+    """``dtype`` is one of ``precision.DTYPES`` and ``loss_scale`` a power of two (scaling and
+    unscaling gradients by it is then exact; 1: none)."""
+    from maxl_jax import precision
+
+    dtype = config.get("dtype", "float32") if "dtype" in config else "float32"
+    if not isinstance(dtype, str) or dtype not in precision.DTYPES:
+        raise ConfigError(f"--config.dtype={dtype!r} is not a supported compute dtype; choose one "
+                          f"of {', '.join(precision.DTYPES)} (parameters, optimizer states and "
+                          f"losses stay float32 whichever it is)")
+    if "loss_scale" in config:
+        scale = config["loss_scale"]
+        check_range("loss_scale", scale, "float", 0.0, False)
+        if 2.0 ** round(np.log2(float(scale))) != float(scale):
+            raise ConfigError(f"--config.loss_scale={scale!r} is not a power of two (1 means no "
+                              f"loss scaling; see maxl_jax/precision.py)")
 
 
 def ignored_settings(config, base, method_cls) -> list[str]:

@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.width = 0                     # small CNN: first block's filters (0: 32)
     c.head_width = 0                # 0: 512 for vgg16, the backbone width for small
     c.conv_impl = "auto"            # auto | xla | shifted_matmul | patches
+    c.dtype = "float32"             # the networks' compute dtype: float32 | bfloat16 | float16
+                                    # (parameters, optimizer states, losses stay float32)
+    c.loss_scale = 1.0              # static loss scale, a power of two (1: none); only for methods
+                                    # without a meta step (see maxl_jax/precision.py)
     # Optimisation (the reference's values).
     c.batch_size = 100
     c.epochs = 200

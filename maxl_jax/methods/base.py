@@ -160,6 +160,12 @@ class Method:
                 f"the auxiliary head has {self.multitask.num_auxiliary} outputs but the auxiliary "
                 f"tasks have {list(self.aux_sizes)} classes: build the network with "
                 f"num_auxiliary={sum(self.aux_sizes)}")
+        scale = getattr(self.multitask.backbone, "loss_scale", 1.0)
+        if scale != 1 and self.schedule.has_meta:
+            raise ValueError(
+                f"method {self.name!r} takes a meta step, whose derivatives of second order a loss "
+                f"scale inside the networks would distort (see maxl_jax/precision.py): run it with "
+                f"--config.loss_scale=1, or in bfloat16 (float32's range, no scaling needed)")
         if "held_out" in self.schedule.sources and not 0 < self.held_out_fraction < 1:
             raise ValueError(f"a meta step on held-out data needs 0 < held_out_fraction < 1, got "
                              f"{self.held_out_fraction}")
@@ -387,11 +393,15 @@ def label_tasks(config, setup: Setup, default: Sequence[str]) -> tuple[AuxTask, 
 
 def networks(config, setup: Setup, num_auxiliary: int, generator_classes: int | None = None,
              generator_weight_head: bool = False):
-    """``(multitask, generator)`` of the config's architecture (``models.make_networks``)."""
+    """``(multitask, generator)`` of the config's architecture (``models.make_networks``), computing
+    in the config's ``dtype`` with its ``loss_scale`` (``maxl_jax.precision``): every method that
+    builds its networks here runs in the run's precision, with float32 parameters, optimizer states,
+    losses and meta-gradients."""
     return models.make_networks(
         config.arch, setup.num_primary, num_auxiliary, generator_classes or num_auxiliary,
         conv_impl=config.conv_impl, width=config.get("width") or None,
-        head_width=config.get("head_width") or None, generator_weight_head=generator_weight_head)
+        head_width=config.get("head_width") or None, generator_weight_head=generator_weight_head,
+        dtype=config.get("dtype") or "float32", loss_scale=config.get("loss_scale") or None)
 
 
 def multitask_optimizer(config, setup: Setup) -> optax.GradientTransformation:
