@@ -93,11 +93,12 @@ class BatchNorm(nn.Module):
                  mask: jax.Array | None = None) -> jax.Array:
         features = x.shape[-1]
         out_dtype = x.dtype
-        x = x.astype(jnp.float32)
+        up = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 under x64
+        x = x.astype(up)
         scale = precision.cast_in(self.param("scale", nn.initializers.ones, (features,)),
-                                  jnp.float32, self.loss_scale)
+                                  up, self.loss_scale)
         bias = precision.cast_in(self.param("bias", nn.initializers.zeros, (features,)),
-                                 jnp.float32, self.loss_scale)
+                                 up, self.loss_scale)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if train and mask is not None:
@@ -182,7 +183,7 @@ class ConvBackbone(nn.Module):
     global_pool: bool = False
     kernel_init: Initializer = XAVIER_UNIFORM
     conv_impl: str = "auto"
-    dtype: Any = jnp.float32
+    dtype: Any = None  # the compute dtype; None: the parameters' (no casts)
     loss_scale: float = 1.0
 
     @nn.compact
@@ -209,7 +210,8 @@ class ConvBackbone(nn.Module):
                 layer += 1
             x = max_pool_2x2(x)
         if self.global_pool:  # the spatial mean accumulated in float32
-            return jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(self.dtype)
+            return jnp.mean(x, axis=(1, 2),
+                            dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
         return x.reshape(x.shape[0], -1)
 
 
@@ -219,7 +221,7 @@ class Dense(nn.Module):
 
     features: int
     kernel_init: Initializer = XAVIER_UNIFORM
-    dtype: Any = jnp.float32
+    dtype: Any = None  # the compute dtype; None: the parameters' (no casts)
     loss_scale: float = 1.0
 
     @nn.compact
@@ -228,7 +230,7 @@ class Dense(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         kernel = precision.cast_in(kernel, self.dtype, self.loss_scale)
         bias = precision.cast_in(bias, self.dtype, self.loss_scale)
-        return jnp.dot(x.astype(self.dtype), kernel) + bias
+        return jnp.dot(x if self.dtype is None else x.astype(self.dtype), kernel) + bias
 
 
 class Head(nn.Module):
@@ -238,7 +240,7 @@ class Head(nn.Module):
     width: int
     num_classes: int
     kernel_init: Initializer = XAVIER_UNIFORM
-    dtype: Any = jnp.float32
+    dtype: Any = None  # the compute dtype; None: the parameters' (no casts)
     loss_scale: float = 1.0
 
     @nn.compact

@@ -48,12 +48,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def compute_dtype(name: str | Any):
-    """The jnp dtype of ``name`` (one of :data:`DTYPES`; a dtype is returned as it is)."""
+    """The jnp dtype of ``name`` (one of :data:`DTYPES`; a dtype is returned as it is), or ``None``
+    for float32: full precision, where nothing is cast and the networks compute in their parameters'
+    dtype (float32; float64 when a user or a test runs them with float64 parameters under
+    ``jax_enable_x64``, which a cast to float32 would silently undo)."""
     if isinstance(name, str):
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose one of {tuple(DTYPES)}")
-        return DTYPES[name]
-    return jnp.dtype(name).type if name is not None else jnp.float32
+        dt = DTYPES[name]
+    else:
+        dt = jnp.dtype(name).type if name is not None else jnp.float32
+    return None if dt is jnp.float32 else dt
 
 
 def resolve_loss_scale(dtype, loss_scale: float | None) -> float:
@@ -78,12 +83,14 @@ def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
 
 
 def cast_in(x: jax.Array, dtype, loss_scale: float = 1.0) -> jax.Array:
-    """A float32 parameter or input taken to the compute ``dtype`` for one use; its gradient comes
-    back float32 and divided by ``loss_scale`` (undoing :func:`cast_out`'s scaling)."""
-    return scale_gradient(x, 1.0 / loss_scale).astype(dtype)
+    """A float32 parameter or input taken to the compute ``dtype`` for one use (``None``: left in
+    its own dtype); its gradient comes back float32 and divided by ``loss_scale`` (undoing
+    :func:`cast_out`'s scaling)."""
+    x = scale_gradient(x, 1.0 / loss_scale)
+    return x if dtype is None else x.astype(dtype)
 
 
 def cast_out(y: jax.Array, loss_scale: float = 1.0) -> jax.Array:
-    """A network output taken to float32; cotangents flowing back into the network are multiplied by
+    """A network output taken to float32 (or kept in float64); cotangents flowing back into the network are multiplied by
     ``loss_scale`` (in float32, before they are rounded to the compute dtype)."""
-    return scale_gradient(y.astype(jnp.float32), loss_scale)
+    return scale_gradient(y.astype(jnp.promote_types(y.dtype, jnp.float32)), loss_scale)

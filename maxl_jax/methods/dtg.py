@@ -79,7 +79,7 @@ of every mean, BatchNorm statistic and the regulariser.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -102,11 +102,13 @@ class JointGenerator(nn.Module):
     num_auxiliary: int
     hidden: int
     kernel_init: models.Initializer = models.XAVIER_NORMAL
+    dtype: Any = None  # the compute dtype (the config's, as the task model's); None: no casts
 
     @nn.compact
     def __call__(self, h: jax.Array):
-        delta = models.Head(self.hidden, h.shape[-1], self.kernel_init, name="feature")(h)
-        logits = models.Head(self.hidden, self.num_auxiliary, self.kernel_init,
+        delta = models.Head(self.hidden, h.shape[-1], self.kernel_init, dtype=self.dtype,
+                            name="feature")(h)
+        logits = models.Head(self.hidden, self.num_auxiliary, self.kernel_init, dtype=self.dtype,
                              name="label")(h + delta)
         return delta, logits
 
@@ -191,7 +193,8 @@ class Dtg(base.Method):
         c = config[cls.name]
         psi = base.psi_of(config, setup)
         multitask, _ = base.networks(config, setup, sum(psi))
-        generator = JointGenerator(sum(psi), int(c.hidden) or multitask.head_width)
+        generator = JointGenerator(sum(psi), int(c.hidden) or multitask.head_width,
+                                   dtype=multitask.backbone.dtype)
         meta_opt = optax.chain(optax.clip_by_global_norm(float(c.clip)),
                                optax.adam(float(c.meta_lr)))
         return cls(multitask=multitask, multitask_optimizer=base.multitask_optimizer(config, setup),
