@@ -240,11 +240,15 @@ def test_the_policy_moves_toward_the_auxiliary_labelling_that_helps():
     np.testing.assert_allclose(float(reward(swapped, first)), r_second, rtol=1e-5)
     np.testing.assert_allclose(float(reward(swapped, first + 1)), r_first, rtol=1e-5)
 
-    def preference(s):  # mean probability of the helpful (second) class
-        (logits, _, _), _ = m.policy.apply(s.method_state["policy"], batch["image"], True,
+    @jax.jit
+    def helpful_probability(policy_variables):
+        (logits, _, _), _ = m.policy.apply(policy_variables, batch["image"], True,
                                            mutable=["batch_stats"])
         lp = rlaux.block_log_probs(logits, batch["primary"], PSI)
-        return float(jnp.mean(jnp.exp(jnp.take_along_axis(lp, (first + 1)[:, None], -1))))
+        return jnp.mean(jnp.exp(jnp.take_along_axis(lp, (first + 1)[:, None], -1)))
+
+    def preference(s):  # the mean probability of the helpful (second) class, as the policy acts
+        return float(helpful_probability(s.method_state["policy"]))
 
     meta_step = jax.jit(m.meta_step)
 
