@@ -5,10 +5,14 @@ targets, its config errors, and the agent on a toy problem:
   transitions skipped, and reduce to Monte-Carlo returns at discount = lambda = 1;
 * PPO's clipped objective, its parts and its gradient (zero for a clipped sample) by hand;
 * the minibatch cut is the same for a rollout padded with masked transitions;
+* the RL phase trains a copy of the network, continued through the pass and restarted from the
+  network at the next pass, and leaves the network itself alone;
 * on a toy problem where one auxiliary labelling measurably helps the primary loss after the update,
   the policy's preference moves toward that labelling; on the mirrored toy, where the other
   labelling gets exactly that reward, it moves away from it.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -276,3 +280,30 @@ def test_the_policy_moves_toward_the_auxiliary_labelling_that_helps():
     # The control: where the other labelling earns that reward, the preference moves away.
     after_swapped, _ = train(swapped)
     assert preference(after_swapped) < before - 0.25, (before, preference(after_swapped))
+
+
+def test_the_rl_phase_trains_a_copy_restarted_from_the_network_at_each_epochs_start():
+    m = dataclasses.replace(toy_method(), steps_per_epoch=2, ppo_epochs=1)
+    s0 = mirrored(m.init(jax.random.PRNGKey(0), SHAPE), 1.0)
+    batches = {"train": toy_batch(1, 4), "random_train": toy_batch(2, 16)}
+    step = jax.jit(m.meta_step)
+    copy_params = lambda s: flat(s.method_state["copy"]["params"])
+    s1, _ = step(s0, batches)  # the pass's first step: the copy is the network, one step on
+    s2, _ = step(s1, batches)  # its second step continues the copy
+    np.testing.assert_array_equal(flat(s2.multitask_params), flat(s0.multitask_params))
+    assert int(s2.meta_step) == 2 and int(s2.step) == 0
+    # At position 1 the copy in the state is what trains: from the network instead, it differs.
+    from_network = s1.replace(method_state={**s1.method_state, "copy": {
+        "params": s1.multitask_params, "batch_stats": s1.multitask_batch_stats,
+        "opt_state": s1.multitask_opt_state}})
+    assert not np.allclose(copy_params(s2), copy_params(step(from_network, batches)[0]))
+    # At the next pass's first step the old copy is dropped: the same policy and key from s0's
+    # state (meta step 2) give the same copy, whatever copy the state held.
+    fresh = s0.replace(meta_step=jnp.asarray(2, jnp.int32))
+    stale = s2.replace(method_state={**s0.method_state, "copy": s2.method_state["copy"]})
+    np.testing.assert_array_equal(copy_params(step(stale, batches)[0]),
+                                  copy_params(step(fresh, batches)[0]))
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
