@@ -307,3 +307,21 @@ def test_the_rl_phase_trains_a_copy_restarted_from_the_network_at_each_epochs_st
 
 def flat(tree):
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def test_the_meta_step_under_shard_map_gathers_the_batch_and_equals_the_jit_step():
+    """Inside ``shard_map`` (``axis_name``) every device gathers the whole batch and runs the same
+    step; on a one-device mesh here (8 devices: ``tests/multidevice_check.py`` runs the jit path)."""
+    from maxl_jax import parallel
+    m = dataclasses.replace(toy_method(), steps_per_epoch=2, ppo_epochs=1,
+                            policy_optimizer=optax.chain(optax.clip_by_global_norm(0.5),
+                                                         optax.adam(3e-4, eps=1e-5)))
+    s0 = m.init(jax.random.PRNGKey(0), SHAPE)
+    batches = {"train": toy_batch(1, 4), "random_train": toy_batch(2, 8)}
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    mapped, mapped_metrics = parallel.shard_map_step(m.meta_step, mesh)(s0, batches)
+    plain, plain_metrics = jax.jit(m.meta_step)(s0, batches)
+    np.testing.assert_allclose(float(mapped_metrics["reward"]), float(plain_metrics["reward"]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(flat(mapped.method_state), flat(plain.method_state), rtol=1e-5,
+                               atol=1e-7)

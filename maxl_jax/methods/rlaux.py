@@ -221,6 +221,16 @@ def minibatch_orders(key: jax.Array, valid: jax.Array, epochs: int, minibatch: i
     return jax.vmap(lambda e: one_epoch(jax.random.fold_in(key, e)))(jnp.arange(epochs))
 
 
+def gather_shards(x: jax.Array, axis_name: str) -> jax.Array:
+    """The whole batch from each device's slice ``x`` (leading axis), the same on every device:
+    each slice written into zeros at its place, summed over ``axis_name`` (a ``psum``, so the
+    result is typed device-invariant inside ``shard_map``, as the replicated state is)."""
+    n, i = jax.lax.psum(1, axis_name), jax.lax.axis_index(axis_name)
+    full = jnp.zeros((n * x.shape[0],) + x.shape[1:], x.dtype)
+    return jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(full, x, i * x.shape[0], 0),
+                        axis_name)
+
+
 def _select(pred, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -446,7 +456,7 @@ class RlAux(base.Method):
         Under ``shard_map`` (``axis_name``) the batches are first gathered, so every device runs the
         same global step (the PPO minibatches draw from the whole rollout)."""
         if axis_name is not None:
-            batches = jax.lax.all_gather(batches, axis_name, tiled=True)
+            batches = jax.tree_util.tree_map(lambda x: gather_shards(x, axis_name), batches)
         batch, reward_batch = batches["train"], batches["random_train"]
         images, primary = batch["image"], batch["primary"]
         n = primary.shape[0]
