@@ -15,9 +15,10 @@ training steps, or as a pass over a fresh shuffle after the epoch's training pas
 epoch) or before it (``pass_before``: RL-AUX's RL phase); on ``"same"`` (the batch of the training
 step just taken), ``"train"`` (another training batch; in a per-epoch pass, the pass's batch),
 ``"random_train"`` (a batch of an independent shuffle of the training set) or ``"held_out"`` (a batch
-of a stratified held-out split of the training set, of ``held_out_fraction``). ``aux_tasks`` lists the auxiliary labels the data layer must supply in
-``batch["aux"]`` (``(B, T)`` int, one column per task): ``"human"`` (the data set's fine labels) or
-``"random"`` (fixed random labels inside each example's block of ``psi``).
+of a stratified held-out split of the training set, of ``held_out_fraction``). ``aux_tasks`` lists
+the auxiliary labels the data layer must supply in ``batch["aux"]`` (``(B, T)`` int, one column per
+task): ``"human"`` (the data set's fine labels) or ``"random"`` (fixed random labels inside each
+example's block of ``psi``).
 
 A batch is a dict: ``image`` float ``(B, H, W, C)`` (normalised), ``primary`` int ``(B,)``, when
 ``aux_tasks`` is not empty ``aux`` int ``(B, T)`` (or ``(B,)`` for one task), and optionally ``mask``
@@ -80,8 +81,8 @@ class MetaSchedule:
             raise ValueError("a per-epoch meta pass runs over the training set: its first source "
                              "must be 'train'")
         if self.per_epoch_pass and "same" in self.sources:
-            raise ValueError("a per-epoch meta pass has no 'same' batch (it follows the whole "
-                             "training pass)")
+            raise ValueError("a per-epoch meta pass has no 'same' batch (it runs as a pass of its "
+                             "own, apart from the training steps)")
         if self.pass_before and not self.per_epoch_pass:
             raise ValueError("pass_before places the per-epoch meta pass before the training pass: "
                              "it needs per_epoch_pass=True")
