@@ -329,7 +329,8 @@ class _Orders:
     train: np.ndarray
     meta_train: np.ndarray
     held_out: np.ndarray | None
-    last_train: dict  # meta index -> index of the training step just before it
+    last_train: dict  # meta index -> index of the training step just before it (None: none yet)
+    random_train: np.ndarray | None = None  # an independent shuffle ("random_train" source)
 
     def meta_indices(self, sources, j: int) -> dict:
         out = {}
@@ -338,6 +339,8 @@ class _Orders:
                 out[s] = self.train[self.last_train[j]]
             elif s == "train":
                 out[s] = self.meta_train[j % len(self.meta_train)]
+            elif s == "random_train":
+                out[s] = self.random_train[j % len(self.random_train)]
             else:
                 out[s] = self.held_out[j % len(self.held_out)]
         return out
@@ -656,7 +659,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
 def _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_batch=None):
     """``epoch -> _Orders``: the batches of every step of an epoch, from the seed (each row padded
     with example 0 to ``padded_batch`` when that is larger than the batch size)."""
-    last_train, j = {}, 0
+    last_train, j, t = {}, 0, None
     for kind, i in schedule.events(steps_per_epoch):
         if kind == "train":
             t = i
@@ -679,7 +682,10 @@ def _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_
                                    epoch, 0)),
             meta_train=pad(_epoch_order(n_train, steps_per_epoch, config.batch_size, config.seed,
                                         epoch, 1)),
-            held_out=pad(held), last_train=last_train)
+            held_out=pad(held), last_train=last_train,
+            random_train=(pad(_epoch_order(n_train, steps_per_epoch, config.batch_size,
+                                           config.seed, epoch, 3))
+                          if "random_train" in schedule.sources else None))
 
     return orders
 

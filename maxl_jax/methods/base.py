@@ -12,11 +12,13 @@ network, its optimizer and the method's own settings, with pure functions of the
 
 ``schedule`` (a ``MetaSchedule``) says when the meta step runs and on what data: after every ``every``
 training steps, or as a pass over a fresh shuffle after the epoch's training pass (MAXL's reference
-epoch); on ``"same"`` (the batch of the training step just taken), ``"train"`` (another training
-batch) or ``"held_out"`` (a batch of a stratified held-out split of the training set, of
-``held_out_fraction``). ``aux_tasks`` lists the auxiliary labels the data layer must supply in
-``batch["aux"]`` (``(B, T)`` int, one column per task): ``"human"`` (the data set's fine labels) or
-``"random"`` (fixed random labels inside each example's block of ``psi``).
+epoch) or before it (``pass_before``: RL-AUX's RL phase); on ``"same"`` (the batch of the training
+step just taken), ``"train"`` (another training batch; in a per-epoch pass, the pass's batch),
+``"random_train"`` (a batch of an independent shuffle of the training set) or ``"held_out"`` (a batch
+of a stratified held-out split of the training set, of ``held_out_fraction``). ``aux_tasks`` lists
+the auxiliary labels the data layer must supply in ``batch["aux"]`` (``(B, T)`` int, one column per
+task): ``"human"`` (the data set's fine labels) or ``"random"`` (fixed random labels inside each
+example's block of ``psi``).
 
 A batch is a dict: ``image`` float ``(B, H, W, C)`` (normalised), ``primary`` int ``(B,)``, when
 ``aux_tasks`` is not empty ``aux`` int ``(B, T)`` (or ``(B,)`` for one task), and optionally ``mask``
@@ -43,7 +45,7 @@ from maxl_jax.train_state import TrainState
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 
-SOURCES = ("same", "train", "held_out")
+SOURCES = ("same", "train", "random_train", "held_out")
 LABEL_SOURCES = ("human", "random")
 
 
@@ -56,13 +58,16 @@ class MetaSchedule:
       per_epoch_pass: after the epoch's training pass, one meta step per training batch over a
         fresh shuffle of the training set (the MAXL reference's pass B); its first source must be
         ``"train"``.
+      pass_before: with ``per_epoch_pass``, the meta pass runs before the epoch's training pass
+        instead of after it (RL-AUX's RL phase, then its primary phase).
       sources: the batches each meta step receives, by name (``"same"``, ``"train"``,
-        ``"held_out"``), in the order the method wants them.
+        ``"random_train"``, ``"held_out"``), in the order the method wants them.
     """
 
     every: int = 0
     per_epoch_pass: bool = False
     sources: tuple[str, ...] = ()
+    pass_before: bool = False
 
     def __post_init__(self):
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
@@ -76,8 +81,11 @@ class MetaSchedule:
             raise ValueError("a per-epoch meta pass runs over the training set: its first source "
                              "must be 'train'")
         if self.per_epoch_pass and "same" in self.sources:
-            raise ValueError("a per-epoch meta pass has no 'same' batch (it follows the whole "
-                             "training pass)")
+            raise ValueError("a per-epoch meta pass has no 'same' batch (it runs as a pass of its "
+                             "own, apart from the training steps)")
+        if self.pass_before and not self.per_epoch_pass:
+            raise ValueError("pass_before places the per-epoch meta pass before the training pass: "
+                             "it needs per_epoch_pass=True")
 
     @property
     def has_meta(self) -> bool:
@@ -86,12 +94,15 @@ class MetaSchedule:
     def events(self, steps_per_epoch: int) -> list[tuple[str, int]]:
         """The epoch's steps in order: ``("train", i)`` and ``("meta", j)`` with per-kind indices."""
         out, j = [], 0
+        if self.pass_before:
+            out.extend(("meta", k) for k in range(steps_per_epoch))
+            j = steps_per_epoch
         for i in range(steps_per_epoch):
             out.append(("train", i))
             if self.every and (i + 1) % self.every == 0:
                 out.append(("meta", j))
                 j += 1
-        if self.per_epoch_pass:
+        if self.per_epoch_pass and not self.pass_before:
             out.extend(("meta", j + k) for k in range(steps_per_epoch))
         return out
 
