@@ -18,7 +18,6 @@ the checkpoint folder, so that new saves can take their step numbers.
 from __future__ import annotations
 
 import hashlib
-import json
 import pathlib
 import shutil
 import time

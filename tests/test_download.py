@@ -2,11 +2,9 @@
 the same format served from 127.0.0.1: verified, resumed, restarted, refused when corrupt or cut
 short, and a clear message when there is no network."""
 
-import gzip
 import hashlib
 import http.server
 import io
-import pathlib
 import tarfile
 import threading
 

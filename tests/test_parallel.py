@@ -1,5 +1,6 @@
 """Data parallelism: 8 devices give the 1-device result; steps compile once; bad batches fail early."""
 
+import fcntl
 import json
 import os
 import pathlib
@@ -17,20 +18,27 @@ from maxl_jax.methods import AuxTask
 from maxl_jax.methods.equal import Random
 from maxl_jax.methods.maxl import Maxl
 
-# Its module-scoped fixtures are computed once: its tests run in one worker under pytest-xdist.
-pytestmark = pytest.mark.xdist_group("test_parallel")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def multidevice():
-    """Runs tests/multidevice_check.py with 8 fake CPU devices (JAX's device count is fixed at start)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_check.py")],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="session")
+def multidevice(tmp_path_factory):
+    """Runs tests/multidevice_check.py with 8 fake CPU devices (JAX's device count is fixed at start),
+    once per test session: under pytest-xdist the first worker to get here computes it while holding
+    a lock in the session's shared temporary folder, and the others read its result."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, the same for every xdist worker
+    result = shared / "multidevice_check.json"
+    with open(shared / "multidevice_check.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_check.py")],
+                                 capture_output=True, text=True, env=env, timeout=1800)
+            assert out.returncode == 0, out.stderr[-3000:]
+            result.write_text(out.stdout.strip().splitlines()[-1])
+        return json.loads(result.read_text())
 
 
 def test_train_and_meta_step_on_8_devices_equal_1_device(multidevice):

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 import pytest
 
-from maxl_jax import maxl, methods, models, precision, steps, train
+from maxl_jax import maxl, methods, models, precision, train
 from maxl_jax.methods.maxl import Maxl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

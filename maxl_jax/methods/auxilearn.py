@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxl_jax import hierarchy, losses, maxl, meta, models, steps, validation
+from maxl_jax import hierarchy, losses, meta, models, steps, validation
 from maxl_jax.methods import base
 from maxl_jax.methods import register
 from maxl_jax.methods.equal import default_tasks
@@ -370,12 +370,7 @@ class AuxiLearnGenerate(AuxiLearn):
                 "opt_state": self.meta_optimizer.init(learned)}
 
     def _generate(self, state, batch, axis_name, gen_params=None):
-        params = state.method_state["generator"] if gen_params is None else gen_params
-        return maxl.generate_labels(
-            self.generator, {"params": params,
-                             "batch_stats": state.method_state["generator_batch_stats"]},
-            batch["image"], batch["primary"], self.psi, train=True, axis_name=axis_name,
-            mask=batch.get("mask"))
+        return base.generated_labels(self, state, batch, axis_name, gen_params)
 
     def phi(self, state, batch, axis_name):
         # phi as seen by L_T: the soft labels of this batch and the combiner (the generator's

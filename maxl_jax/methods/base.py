@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxl_jax import hierarchy, losses, models, steps, validation
+from maxl_jax import hierarchy, losses, maxl, models, steps, validation
 from maxl_jax.train_state import TrainState
 
 PyTree = Any
@@ -315,14 +315,15 @@ class Method:
                                              self.gamma)
 
     def task_gradients(self, params: PyTree, batch_stats: PyTree, batch: Batch,
-                       axis_name: str | None = None):
+                       axis_name: str | None = None, targets: jax.Array | None = None):
         """Each task's loss and gradient separately, from one forward pass.
 
         Returns ``(task_losses (1 + T,), grads, new_batch_stats, primary_logits)``: entry 0 is the
         primary task, entries 1.. the auxiliary tasks of ``aux_tasks``; every leaf of ``grads`` has
         a leading axis of ``1 + T`` (one reverse pass per task, batched with ``vmap``).
         """
-        targets = self.data_targets(batch)
+        if targets is None:  # the data's labels (a method with learned targets passes its own)
+            targets = self.data_targets(batch)
         mask = batch.get("mask")
 
         def task_losses(p):
@@ -418,3 +419,16 @@ def networks(config, setup: Setup, num_auxiliary: int, generator_classes: int | 
 def multitask_optimizer(config, setup: Setup) -> optax.GradientTransformation:
     """The reference's theta1 optimizer: SGD(``lr``), halved every ``decay_every`` epochs."""
     return optax.sgd(steps.step_lr_schedule(config.lr, setup.steps_per_epoch, config.decay_every))
+
+
+def generated_labels(method, state: TrainState, batch: Batch, axis_name: str | None = None,
+                     generator_params: PyTree | None = None):
+    """``(soft_labels, new_generator_batch_stats)`` of a method whose ``method_state`` holds a MAXL
+    label generator as ``generator`` (parameters) and ``generator_batch_stats``, in train mode;
+    ``generator_params`` replaces the state's (to differentiate through the labels)."""
+    params = state.method_state["generator"] if generator_params is None else generator_params
+    return maxl.generate_labels(
+        method.generator, {"params": params,
+                           "batch_stats": state.method_state["generator_batch_stats"]},
+        batch["image"], batch["primary"], method.psi, train=True, axis_name=axis_name,
+        mask=batch.get("mask"))

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxl_jax import hierarchy, losses, maxl, meta, models, steps, validation
+from maxl_jax import hierarchy, losses, meta, models, steps, validation
 from maxl_jax.methods import base
 from maxl_jax.methods import register
 from maxl_jax.methods.equal import default_tasks
@@ -302,20 +302,7 @@ class Maoal(base.Method):
     def task_gradients_with(self, params, batch_stats, batch, targets, axis_name=None):
         """Each task's loss and gradient (leading axis ``1 + K``), the new BatchNorm statistics and
         the primary logits, with the auxiliary ``targets`` ``(B, sum(aux_sizes))``."""
-        mask = batch.get("mask")
-
-        def task_losses(p):
-            logits, aux_logits, stats = self.forward(p, batch_stats, batch["image"], axis_name,
-                                                     mask)
-            primary = losses.batch_mean(self.primary_losses(logits, batch["primary"]), axis_name,
-                                        mask)
-            aux = losses.batch_mean(losses.task_focal_losses(aux_logits, targets, self.aux_sizes,
-                                                             self.gamma), axis_name, mask)
-            return jnp.concatenate([primary[None], aux]), (stats, logits)
-
-        values, vjp, (stats, logits) = jax.vjp(task_losses, params, has_aux=True)
-        grads = jax.vmap(lambda c: vjp(c)[0])(jnp.eye(values.shape[0], dtype=values.dtype))
-        return values, grads, stats, logits
+        return self.task_gradients(params, batch_stats, batch, axis_name, targets=targets)
 
     def direction(self, grads, importance):
         """The update direction of every parameter: ``G`` on the backbone, the gradient of
@@ -459,12 +446,7 @@ class MaoalGenerate(Maoal):
                 "opt_state": self.meta_optimizer.init(learned)}
 
     def _generate(self, state, batch, axis_name, gen_params=None):
-        params = state.method_state["generator"] if gen_params is None else gen_params
-        return maxl.generate_labels(
-            self.generator, {"params": params,
-                             "batch_stats": state.method_state["generator_batch_stats"]},
-            batch["image"], batch["primary"], self.psi, train=True, axis_name=axis_name,
-            mask=batch.get("mask"))
+        return base.generated_labels(self, state, batch, axis_name, gen_params)
 
     def targets(self, state, batch, axis_name):
         # G sees the generator only through this batch's soft labels; hypergradient_to_learned

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 
 from maxl_jax import losses, steps, validation

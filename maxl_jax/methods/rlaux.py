@@ -82,7 +82,6 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from maxl_jax import hierarchy, losses, models, steps, validation
