@@ -1,0 +1,169 @@
+"""Several cooperating processes (one per host, or per GPU): start-up and the few host-side agreements
+the training loop needs.
+
+``initialize`` calls ``jax.distributed.initialize`` before any JAX computation, with the coordinator
+address, process count and process id taken, in this order, from the arguments (the command line's
+``--coordinator_address``, ``--num_processes``, ``--process_id``), from ``MAXL_COORDINATOR_ADDRESS``
+/ ``MAXL_NUM_PROCESSES`` / ``MAXL_PROCESS_ID``, or from JAX's own ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``. With none of them set, the processes of a cluster JAX
+recognises (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes) start multi-process automatically
+when that cluster runs more than one process; anywhere else the run stays one process, exactly as
+before. On the CPU, cross-process collectives go through Gloo
+(``jax_cpu_collectives_implementation``), set before the backend starts.
+
+After start-up ``jax.devices()`` lists every process's devices; the mesh spans them all
+(``parallel.make_mesh``). What the loop needs on top (``maxl_jax.train``):
+
+* ``put``: a host array (the same on every process) placed on a global sharding, each process
+  transferring only the shards of its own devices (``jax.make_array_from_callback``);
+* ``is_primary``: process 0 alone writes logs, ``metrics.jsonl``, ``summary.json`` and the plot;
+* ``broadcast_json``: process 0's view of a small host value (the records read back from
+  ``metrics.jsonl``), so every process takes the same decisions and the same collective steps;
+* ``agreed_signal``: a stop request (SIGINT / SIGTERM) seen by any process stops all of them at the
+  same step;
+* ``barrier``: every process waits for the others (around process 0's file moves).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+ENV = {"coordinator_address": ("MAXL_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
+       "num_processes": ("MAXL_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
+       "process_id": ("MAXL_PROCESS_ID", "JAX_PROCESS_ID")}
+
+
+def _from_env(name: str) -> str | None:
+    for var in ENV[name]:
+        if os.environ.get(var, "") != "":
+            return os.environ[var]
+    return None
+
+
+def detected_cluster() -> str | None:
+    """The name of the multi-process cluster JAX would configure itself for (its own detection of
+    Cloud TPU, SLURM, Open MPI, Kubernetes), or ``None`` when there is none or it runs one process."""
+    try:
+        from jax._src import clusters
+        kinds = clusters.ClusterEnv._cluster_types
+    except (ImportError, AttributeError):  # JAX's detection moved: fall back to the environment
+        if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")):
+            return "slurm" if int(os.environ["SLURM_NTASKS"]) > 1 else None
+        if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+            return "ompi"
+        return None
+    for kind in kinds:
+        try:
+            if kind.opt_in_only_method or not kind.is_env_present():
+                continue
+            if int(kind.get_process_count()) > 1:
+                return getattr(kind, "name", kind.__name__)
+        except Exception:  # noqa: BLE001 - a cluster that cannot describe itself is not ours
+            continue
+    return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Starts the multi-process runtime if asked (arguments or environment) or on a multi-process
+    cluster; returns whether it did. Call it before any JAX computation; calling it again, or
+    after JAX's runtime was started by hand, changes nothing.
+
+    Raises:
+      ValueError: some settings given but not all, or inconsistent ones.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    given = {k: v if v not in (None, "") else _from_env(k) for k, v in given.items()}
+    explicit = {k: v for k, v in given.items() if v is not None}
+    if explicit:
+        missing = sorted(set(given) - set(explicit))
+        if missing:
+            raise ValueError(
+                "a multi-process run needs --coordinator_address, --num_processes and "
+                "--process_id (or MAXL_COORDINATOR_ADDRESS, MAXL_NUM_PROCESSES, MAXL_PROCESS_ID); "
+                f"missing: {', '.join('--' + m for m in missing)}")
+        n, i = int(explicit["num_processes"]), int(explicit["process_id"])
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"process id {i} is not in [0, {n}) (--num_processes={n})")
+        if n == 1:
+            return False  # one process: nothing to coordinate
+        _use_gloo()
+        jax.distributed.initialize(coordinator_address=str(explicit["coordinator_address"]),
+                                   num_processes=n, process_id=i)
+        return True
+    if detected_cluster() is None:
+        return False
+    _use_gloo()
+    jax.distributed.initialize()
+    return True
+
+
+def _use_gloo() -> None:
+    """Cross-process collectives on the CPU (used on a CPU-only cluster and by the tests; GPUs and
+    TPUs have their own)."""
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # a JAX without the option: CPU runs stay one process
+        pass
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def put(tree: Any, sharding) -> Any:
+    """``tree`` (host values, the same in every process) as global arrays with ``sharding``; each
+    process transfers only the shards its own devices hold. One process: ``jax.device_put``."""
+    if not multi_process():
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (nothing with one process)."""
+    if multi_process():
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_json(value: Any) -> Any:
+    """Process 0's ``value`` (anything JSON can hold) in every process."""
+    if not multi_process():
+        return value
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0,
+                                                                                            np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:data.size] = data
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+    return json.loads(out.tobytes().decode())
+
+
+def agreed_signal(signum: int | None) -> int | None:
+    """The stop signal every process acts on: ``signum`` seen here or the one another process saw
+    (the largest number when several), ``None`` when none. One process: ``signum`` itself. With
+    several, every process must call it at the same point: it is a collective."""
+    if not multi_process():
+        return signum
+    from jax.experimental import multihost_utils
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(signum or 0)))
+    top = int(seen.max())
+    return top or None

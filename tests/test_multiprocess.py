@@ -1,0 +1,194 @@
+"""Several cooperating processes (``maxl_jax.distributed``): two processes on 127.0.0.1, each with two
+fake CPU devices and Gloo collectives, against one process with four.
+
+* A run whose first steps are taken by the two processes (stopped by a SIGTERM that only process 1
+  receives: both stop at the same step, save one checkpoint and exit 143) and finished by one
+  process, and a run started by one process and finished by the two, end with the parameters of an
+  uninterrupted one-process run, relative 1e-6 (the cross-process sums are Gloo's, in another order
+  than the in-process ones: not bit-identical); their ``metrics.jsonl`` agree likewise.
+* Only process 0 logs; process 1 prints no epoch line.
+* Partial or inconsistent multi-process settings are refused before JAX starts; with none, the run
+  stays one process.
+
+Every method runs with ``-m slow``; the default suite runs MAXL (one theta1 and one theta2 pass per
+epoch) and AuxiLearn (a meta step interleaved with the training steps, on a held-out split): each
+case starts 2-process runs that compile their programs in both processes (about two minutes of a
+two-core CPU per method), too long for every method in every run of the suite.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from maxl_jax import distributed, methods
+from maxl_jax.checkpoint import read_state
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from mock_data_cli import NUM_EXAMPLES  # noqa: E402
+
+TIMINGS = ("epoch_time", "train_images_per_sec")
+TIMEOUT = 600  # seconds for one run; both processes are killed past it
+RTOL = 1e-6
+
+pytestmark = pytest.mark.xdist_group("test_multiprocess")  # its runs load both CPU cores
+
+
+def _env(devices: int, fault: str | None = None) -> dict:
+    env = {**os.environ, "MAXL_MOCK_EXAMPLES": str(NUM_EXAMPLES),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                         + f" --xla_force_host_platform_device_count={devices}")}
+    for var in ("MAXL_FAULT", *(v for names in distributed.ENV.values() for v in names)):
+        env.pop(var, None)
+    if fault:
+        env["MAXL_FAULT"] = fault
+    return env
+
+
+def _command(workdir, method, *flags) -> list:
+    return [sys.executable, str(ROOT / "tests" / "mock_data_cli.py"),
+            "--config=experiments/configs/tiny.py", "--config.dataset=cifar100",
+            "--config.primary_level=20", f"--method={method}", f"--workdir={workdir}",
+            "--noprogress", *flags]
+
+
+def one_process(workdir, method, *flags, devices=4):
+    out = subprocess.run(_command(workdir, method, *flags), cwd=ROOT, env=_env(devices),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(workdir, method, *flags, fault_in_1=None, expect=0):
+    """The command line as processes 0 and 1 of a 2-process run (2 fake CPU devices each); returns
+    their ``(returncode, stdout, stderr)``. Both are killed if either outlives ``TIMEOUT``."""
+    port = _free_port()
+    procs = []
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen(
+                _command(workdir, method, *flags, f"--coordinator_address=127.0.0.1:{port}",
+                         "--num_processes=2", f"--process_id={i}"),
+                cwd=ROOT, env=_env(2, fault_in_1 if i == 1 else None), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    for i, (code, o, e) in enumerate(results):
+        assert code == expect, f"process {i} exited {code}\n{o[-2000:]}\n{e[-3000:]}"
+    return results
+
+
+def final_state(workdir) -> dict:
+    tree = read_state(pathlib.Path(workdir) / "checkpoints")
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def records(workdir) -> list:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+            for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_states(a: dict, b: dict):
+    """Relative 1e-6: each value within 1e-6 of its own size, or of the largest value of its
+    collection (parameters, BatchNorm statistics, running sums) for values near 0 (a bias under
+    BatchNorm, whose gradient is rounding noise)."""
+    assert a.keys() == b.keys()
+    scale = {}
+    for key, x in a.items():
+        if np.issubdtype(x.dtype, np.floating) and x.size:
+            top = key.split("]")[0]
+            scale[top] = max(scale.get(top, 0.0), float(np.max(np.abs(x))))
+    for key, x in a.items():
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(b[key], x, rtol=RTOL,
+                                       atol=RTOL * scale.get(key.split("]")[0], 0.0), err_msg=key)
+        else:
+            np.testing.assert_array_equal(b[key], x, err_msg=key)
+
+
+def assert_close_records(a: list, b: list):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["epoch"] == y["epoch"]
+        for part in ("train", "meta", "test"):
+            assert x.get(part, {}).keys() == y.get(part, {}).keys(), part
+            for k, v in x.get(part, {}).items():
+                np.testing.assert_allclose(y[part][k], v, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{part} {k}")
+
+
+CASES = [pytest.param(m, marks=() if m in ("maxl", "auxilearn") else pytest.mark.slow)
+         for m in methods.names()]
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_two_processes_and_one_resume_each_other_with_the_one_process_numbers(method, tmp_path):
+    whole, two_then_one, one_then_two = (tmp_path / "whole", tmp_path / "two_then_one",
+                                         tmp_path / "one_then_two")
+    one_process(whole, method)  # 2 epochs, 4 devices
+
+    # Two processes from the start; SIGTERM to process 1 alone after the run's 2nd step.
+    stopped = two_processes(two_then_one, method, fault_in_1="event:2=TERM", expect=143)
+    for _, _, err in stopped:
+        assert "Interrupted: saved a checkpoint" in err
+    assert "epoch" not in stopped[1][1]  # process 1 writes no log
+    one_process(two_then_one, method)
+
+    # One process for the first epoch, two for the second.
+    one_process(one_then_two, method, "--config.epochs=1")
+    done = two_processes(one_then_two, method)
+    assert "final test accuracy" in done[0][1] and "epoch    2/2" in done[0][1]
+    assert "epoch" not in done[1][1]
+    assert (one_then_two / "summary.json").exists()
+
+    reference = final_state(whole)
+    for run in (two_then_one, one_then_two):
+        assert_close_states(reference, final_state(run))
+        assert_close_records(records(whole), records(run))
+
+
+def test_partial_or_bad_multiprocess_settings_are_refused(monkeypatch):
+    for var in (v for names in distributed.ENV.values() for v in names):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="missing: --num_processes, --process_id"):
+        distributed.initialize("127.0.0.1:1234")
+    monkeypatch.setenv("MAXL_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="missing: --coordinator_address"):
+        distributed.initialize(process_id=0)
+    with pytest.raises(ValueError, match=r"process id 2 is not in \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1234", process_id=2)
+    # One process in all: nothing to start.
+    assert distributed.initialize("127.0.0.1:1234", num_processes=1, process_id=0) is False
+    monkeypatch.delenv("MAXL_NUM_PROCESSES")
+    assert distributed.initialize() is False  # nothing given, no cluster: one process
+    assert jax.process_count() == 1 and not jax.distributed.is_initialized()
+
+
+def test_a_partial_setting_on_the_command_line_exits_2_before_training(tmp_path):
+    out = subprocess.run(_command(tmp_path / "w", "single", "--num_processes=2"), cwd=ROOT,
+                         env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "missing: --coordinator_address, --process_id" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
