@@ -23,6 +23,21 @@ What makes a run exact across interruptions:
 
 Written to the workdir: ``checkpoints/``, ``metrics.jsonl`` (one line per epoch), ``summary.json``
 and ``learning_curves.png``.
+
+Several processes (``maxl_jax.distributed``, started before this is called): the mesh spans every
+process's devices and the loop is the same program in each process, which takes the same decisions
+from the same inputs. Every process loads the whole data set, deterministically (the same files and
+seed), and the host computes the same global batch indices in each. What a process transfers is its
+own share only (``distributed.put``, ``jax.make_array_from_callback``): of a step's batch indices,
+the rows of the examples its own devices take (the index array is sharded like the batch); of the
+splits, the copies on its own devices (the splits are replicated, so each device gathers its
+examples locally and the gathered batch is sharded over all devices by the sharding constraint,
+with no cross-process traffic for data). Parameters and metrics stay replicated, so each process
+reads the metrics and finiteness flags from its own devices. Orbax saves and restores the state
+from all processes into the one shared ``checkpoints/``; process 0 alone logs, holds the workdir
+lock and writes ``metrics.jsonl``, ``summary.json`` and the plot, and the records it reads back on
+resume are broadcast to the others. A SIGINT or SIGTERM to any process stops every process after the
+same step (one small all-gather per call), and all save that step's checkpoint together.
 """
 
 from __future__ import annotations
@@ -373,6 +388,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
       xla: compile the steps with XLA over all local devices; ``False`` runs the same code
         op by op (``jax.disable_jit``) for debugging.
       progress: show progress bars.
+
+    With several processes every process calls this with the same ``config`` and ``workdir`` (a
+    folder all of them reach); process 0 alone logs, shows progress and writes the files beside
+    the checkpoints (see the module's docstring).
+
     Raises:
       Interrupted: on SIGINT / SIGTERM, after saving a checkpoint.
       NonFiniteError: when a checked quantity becomes NaN or inf (the last finite checkpoint kept).
@@ -388,7 +408,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
         log, progress = (lambda s: None), False
     created = primary and not workdir.exists()
     try:
-        with WorkdirLock(workdir) if primary else contextlib.nullcontext():
+        with _workdir_lock(workdir):
             if not xla:
                 with jax.disable_jit():
                     return _train(config, workdir, progress, log, compile_ahead=False)
@@ -402,7 +422,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
 class WorkdirLock:
     """One writer per workdir: an exclusive ``flock`` on ``<workdir>/.maxl.lock`` (released by the
     kernel when the process dies, however it dies). A second process is refused with a message
-    naming the first."""
+    naming the first. In a multi-process run process 0 alone takes it, for all: the others write
+    no file but their part of the checkpoints, and a second run of several processes is refused at
+    its process 0, which tells the others (``_workdir_lock``): every process exits with the
+    message."""
 
     NAME = ".maxl.lock"
 
@@ -440,6 +463,30 @@ class WorkdirLock:
             pass
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+    """``WorkdirLock`` for the run: process 0 takes it for all processes, and its refusal (a
+    ``ConfigError``) is raised in every process."""
+    if not distributed.multi_process():
+        with WorkdirLock(workdir):
+            yield
+        return
+    lock, refusal = None, None
+    if distributed.is_primary():
+        try:
+            lock = WorkdirLock(workdir).__enter__()
+        except validation.ConfigError as e:
+            refusal = str(e)
+    refusal = distributed.broadcast_json(refusal)
+    if refusal:
+        raise validation.ConfigError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def _remove_if_empty(workdir: pathlib.Path) -> None:

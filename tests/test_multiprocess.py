@@ -9,6 +9,9 @@ fake CPU devices and Gloo collectives, against one process with four.
 * Only process 0 logs; process 1 prints no epoch line.
 * Partial or inconsistent multi-process settings are refused before JAX starts; with none, the run
   stays one process.
+* A workdir in use is refused by every process of a 2-process run, promptly.
+* With nothing given, a SLURM job of several tasks is detected as a multi-process cluster (JAX's
+  own detection), one task is not.
 
 Every method runs with ``-m slow``; the default suite runs MAXL (one theta1 and one theta2 pass per
 epoch) and AuxiLearn (a meta step interleaved with the training steps, on a held-out split): each
@@ -192,3 +195,31 @@ def test_a_partial_setting_on_the_command_line_exits_2_before_training(tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "missing: --coordinator_address, --process_id" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
+def test_a_workdir_in_use_refuses_every_process_of_a_two_process_run(tmp_path):
+    """Process 0 takes the workdir lock for all; its refusal reaches process 1, which exits too
+    (instead of waiting for a partner that left)."""
+    import fcntl
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".maxl.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("the test's holder\n")
+        held.flush()
+        results = two_processes(tmp_path, "single", expect=2)
+    for _, _, err in results:
+        assert "is in use by the test's holder" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_slurm_job_of_several_tasks_is_detected_and_one_task_is_not(monkeypatch):
+    """With no settings given, JAX's own cluster detection decides (here SLURM's variables)."""
+    for var in (v for names in distributed.ENV.values() for v in names):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.detected_cluster() is None
+    for var, value in {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[1-2]",
+                       "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(var, value)
+    assert distributed.detected_cluster() == "slurm"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.detected_cluster() is None
