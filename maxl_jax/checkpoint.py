@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maxl_jax import distributed
 from maxl_jax.train_state import TrainState
 
 ITEMS = ("state", "run", "checksum")
@@ -213,9 +214,7 @@ class Checkpointer:
                 dest = aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
                 shutil.move(str(self.directory / str(s)), str(dest))
                 log(f"Moved checkpoint {s} (newer than the one resumed) to {dest}, intact.")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("maxl_jax checkpoints set aside")
+        distributed.barrier("maxl_jax checkpoints set aside")
         self.manager.close()
         self.manager = self._manager()
 

@@ -512,10 +512,31 @@ def _fault(point: str, value) -> None:
 
 
 def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bool) -> dict:
-    dataset = data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
-                                    primary_level=config.get("primary_level") or None,
-                                    train_fraction=config.train_fraction, seed=config.seed,
-                                    download=config.get("download", False))
+    def load():
+        return data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
+                                     primary_level=config.get("primary_level") or None,
+                                     train_fraction=config.train_fraction, seed=config.seed,
+                                     download=config.get("download", False))
+
+    if distributed.multi_process() and config.get("download", False):
+        # Process 0 downloads first, so that a data_dir the hosts share is fetched once (and no two
+        # processes write one partial file); the others then find it, or fetch their own copy.
+        failure = None
+        if distributed.is_primary():
+            try:
+                dataset = load()
+            except Exception as e:  # noqa: BLE001 - raised below, after the others are told
+                failure = e
+        told = distributed.broadcast_json(None if failure is None else
+                                          f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if told is not None:
+            raise validation.ConfigError(f"process 0 could not load the data ({told})")
+        if not distributed.is_primary():
+            dataset = load()
+    else:
+        dataset = load()
     mesh = parallel.make_mesh()
     n_dev = mesh.devices.size
     # A batch the devices do not divide is padded to the next multiple and the padding masked out.

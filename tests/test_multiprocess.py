@@ -161,7 +161,8 @@ def test_two_processes_and_one_resume_each_other_with_the_one_process_numbers(me
 
     # One process for the first epoch, two for the second.
     one_process(one_then_two, method, "--config.epochs=1")
-    done = two_processes(one_then_two, method)
+    # (download=True: process 0 looks for the data first, the others after it; here it is present)
+    done = two_processes(one_then_two, method, "--config.download=True")
     assert "final test accuracy" in done[0][1] and "epoch    2/2" in done[0][1]
     assert "epoch" not in done[1][1]
     assert (one_then_two / "summary.json").exists()
