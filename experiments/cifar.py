@@ -41,7 +41,8 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Several processes: HOST:PORT of process 0's coordinator (or "
     "MAXL_COORDINATOR_ADDRESS). Found automatically on Cloud TPU pod slices, SLURM and Open MPI.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Several processes: how many (or "
-                                      "MAXL_NUM_PROCESSES).")
+                                      "MAXL_NUM_PROCESSES); 1 keeps one process, also on a "
+                                      "cluster JAX detects.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Several processes: this one's id, 0 to "
                                    "num_processes - 1 (or MAXL_PROCESS_ID); 0 writes the logs.")
 

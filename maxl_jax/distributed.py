@@ -8,7 +8,8 @@ address, process count and process id taken, in this order, from the arguments (
 ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``. With none of them set, the processes of a cluster JAX
 recognises (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes) start multi-process automatically
 when that cluster runs more than one process; anywhere else the run stays one process, exactly as
-before. On the CPU, cross-process collectives go through Gloo
+before. ``--num_processes=1`` alone keeps a run one process even inside such a cluster (e.g. a
+plain ``python`` line in a SLURM batch script of several tasks, which is not one of them). On the CPU, cross-process collectives go through Gloo
 (``jax_cpu_collectives_implementation``), set before the backend starts.
 
 After start-up ``jax.devices()`` lists every process's devices; the mesh spans them all
@@ -83,6 +84,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
              "process_id": process_id}
     given = {k: v if v not in (None, "") else _from_env(k) for k, v in given.items()}
     explicit = {k: v for k, v in given.items() if v is not None}
+    if explicit.get("num_processes") is not None and int(explicit["num_processes"]) == 1:
+        return False  # one process asked for (also on a cluster JAX would detect): stay one
     if explicit:
         missing = sorted(set(given) - set(explicit))
         if missing:
@@ -93,8 +96,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         n, i = int(explicit["num_processes"]), int(explicit["process_id"])
         if n < 1 or not 0 <= i < n:
             raise ValueError(f"process id {i} is not in [0, {n}) (--num_processes={n})")
-        if n == 1:
-            return False  # one process: nothing to coordinate
         _use_gloo()
         jax.distributed.initialize(coordinator_address=str(explicit["coordinator_address"]),
                                    num_processes=n, process_id=i)

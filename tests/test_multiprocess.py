@@ -185,6 +185,15 @@ def test_partial_or_bad_multiprocess_settings_are_refused(monkeypatch):
         distributed.initialize("127.0.0.1:1234", process_id=2)
     # One process in all: nothing to start.
     assert distributed.initialize("127.0.0.1:1234", num_processes=1, process_id=0) is False
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # even inside a cluster of several tasks, alone
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert distributed.initialize(num_processes=1) is False
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                "SLURM_LOCALID"):
+        monkeypatch.delenv(var)
     monkeypatch.delenv("MAXL_NUM_PROCESSES")
     assert distributed.initialize() is False  # nothing given, no cluster: one process
     assert jax.process_count() == 1 and not jax.distributed.is_initialized()
