@@ -53,7 +53,7 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the Python traceback of
 
 # Errors that are the user's to fix: exit 2 with the message alone.
 USER_ERRORS = (ValueError, data_lib.DatasetNotFoundError, data_lib.DatasetCorruptError,
-               CheckpointError)
+               CheckpointError, distributed.PeerError)
 
 
 def main(argv):

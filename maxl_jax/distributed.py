@@ -20,6 +20,8 @@ After start-up ``jax.devices()`` lists every process's devices; the mesh spans t
 * ``is_primary``: process 0 alone writes logs, ``metrics.jsonl``, ``summary.json`` and the plot;
 * ``broadcast_json``: process 0's view of a small host value (the records read back from
   ``metrics.jsonl``), so every process takes the same decisions and the same collective steps;
+* ``primary_first``: something process 0 alone does first (take the workdir lock, read the records,
+  download the data), whose failure stops every process at once with its message;
 * ``agreed_signal``: a stop request (SIGINT / SIGTERM) seen by any process stops all of them at the
   same step;
 * ``barrier``: every process waits for the others (around process 0's file moves).
@@ -156,6 +158,31 @@ def broadcast_json(value: Any) -> Any:
     buffer[:data.size] = data
     out = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
     return json.loads(out.tobytes().decode())
+
+
+class PeerError(RuntimeError):
+    """Raised in every other process when process 0 stopped on an error (named in the message)."""
+
+
+def primary_first(fn):
+    """``fn()`` run by process 0 alone; returns its result there and ``None`` in the others. An
+    exception ``fn`` raises is raised in process 0 and, as a ``PeerError`` naming it, in every
+    other process, instead of leaving them waiting for process 0 at the next collective. A
+    collective: every process calls it at the same point. One process: ``fn()``."""
+    if not multi_process():
+        return fn()
+    result, failure = None, None
+    if is_primary():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - raised below, once the others are told
+            failure = e
+    told = broadcast_json(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if told is not None:
+        raise PeerError(f"process 0 stopped: {told}")
+    return result
 
 
 def agreed_signal(signum: int | None) -> int | None:

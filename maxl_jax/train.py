@@ -468,20 +468,12 @@ class WorkdirLock:
 @contextlib.contextmanager
 def _workdir_lock(workdir: pathlib.Path):
     """``WorkdirLock`` for the run: process 0 takes it for all processes, and its refusal (a
-    ``ConfigError``) is raised in every process."""
+    ``ConfigError``) stops every process with its message."""
     if not distributed.multi_process():
         with WorkdirLock(workdir):
             yield
         return
-    lock, refusal = None, None
-    if distributed.is_primary():
-        try:
-            lock = WorkdirLock(workdir).__enter__()
-        except validation.ConfigError as e:
-            refusal = str(e)
-    refusal = distributed.broadcast_json(refusal)
-    if refusal:
-        raise validation.ConfigError(refusal)
+    lock = distributed.primary_first(lambda: WorkdirLock(workdir).__enter__())
     try:
         yield
     finally:
@@ -521,18 +513,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     if distributed.multi_process() and config.get("download", False):
         # Process 0 downloads first, so that a data_dir the hosts share is fetched once (and no two
         # processes write one partial file); the others then find it, or fetch their own copy.
-        failure = None
-        if distributed.is_primary():
-            try:
-                dataset = load()
-            except Exception as e:  # noqa: BLE001 - raised below, after the others are told
-                failure = e
-        told = distributed.broadcast_json(None if failure is None else
-                                          f"{type(failure).__name__}: {failure}")
-        if failure is not None:
-            raise failure
-        if told is not None:
-            raise validation.ConfigError(f"process 0 could not load the data ({told})")
+        dataset = distributed.primary_first(load)
         if not distributed.is_primary():
             dataset = load()
     else:
@@ -613,8 +594,8 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     primary = distributed.is_primary()
     # Process 0's records, in every process: the decisions below (rebuild a record, finish) take
     # collective steps, which all processes must take together.
-    records = distributed.broadcast_json(
-        _read_records(metrics_path, keep_before=start_epoch) if primary else None)
+    records = distributed.broadcast_json(distributed.primary_first(
+        lambda: _read_records(metrics_path, keep_before=start_epoch)))
 
     def finish_epoch(epoch: int, state, epoch_time, images_per_sec) -> dict:
         sums = jax.device_get(state.sums)
