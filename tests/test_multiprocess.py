@@ -1,11 +1,12 @@
 """Several cooperating processes (``maxl_jax.distributed``): two processes on 127.0.0.1, each with two
 fake CPU devices and Gloo collectives, against one process with four.
 
-* A run whose first steps are taken by the two processes (stopped by a SIGTERM that only process 1
-  receives: both stop at the same step, save one checkpoint and exit 143) and finished by one
-  process, and a run started by one process and finished by the two, end with the parameters of an
-  uninterrupted one-process run, relative 1e-6 (the cross-process sums are Gloo's, in another order
-  than the in-process ones: not bit-identical); their ``metrics.jsonl`` agree likewise.
+* A run whose first steps are taken by the two processes, one step a call (stopped by a SIGTERM
+  that only process 1 receives: both stop at the same step, save one checkpoint and exit 143) and
+  finished by one process, and a run started by one process and finished by the two, two steps a
+  call, end with the parameters of an uninterrupted one-process run, relative 1e-6 (the
+  cross-process sums are Gloo's, in another order than the in-process ones: not bit-identical);
+  their ``metrics.jsonl`` agree likewise.
 * Only process 0 logs; process 1 prints no epoch line.
 * Partial or inconsistent multi-process settings are refused before JAX starts; with none, the run
   stays one process.
@@ -161,8 +162,10 @@ def test_two_processes_and_one_resume_each_other_with_the_one_process_numbers(me
 
     # One process for the first epoch, two for the second.
     one_process(one_then_two, method, "--config.epochs=1")
-    # (download=True: process 0 looks for the data first, the others after it; here it is present)
-    done = two_processes(one_then_two, method, "--config.download=True")
+    # Two steps a call (the chunked programs: stacked index shards, a chunk cut short by the end of a
+    # pass), and download=True (process 0 looks for the data first, the others after it).
+    done = two_processes(one_then_two, method, "--config.steps_per_call=2",
+                         "--config.download=True")
     assert "final test accuracy" in done[0][1] and "epoch    2/2" in done[0][1]
     assert "epoch" not in done[1][1]
     assert (one_then_two / "summary.json").exists()
