@@ -4,13 +4,15 @@ the training loop needs.
 ``initialize`` calls ``jax.distributed.initialize`` before any JAX computation, with the coordinator
 address, process count and process id taken, in this order, from the arguments (the command line's
 ``--coordinator_address``, ``--num_processes``, ``--process_id``), from ``MAXL_COORDINATOR_ADDRESS``
-/ ``MAXL_NUM_PROCESSES`` / ``MAXL_PROCESS_ID``, or from JAX's own ``JAX_COORDINATOR_ADDRESS`` /
-``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``. With none of them set, the processes of a cluster JAX
-recognises (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes) start multi-process automatically
-when that cluster runs more than one process; anywhere else the run stays one process, exactly as
+/ ``MAXL_NUM_PROCESSES`` / ``MAXL_PROCESS_ID``, or from ``JAX_COORDINATOR_ADDRESS`` (JAX's own) /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``; outside a cluster all three are needed. With none of
+them set, the processes of a cluster JAX recognises (Cloud TPU pod slices, SLURM, Open MPI,
+Kubernetes) start multi-process automatically when that cluster runs more than one process (what
+is given there overrides what JAX detects); anywhere else the run stays one process, exactly as
 before. ``--num_processes=1`` alone keeps a run one process even inside such a cluster (e.g. a
-plain ``python`` line in a SLURM batch script of several tasks, which is not one of them). On the CPU, cross-process collectives go through Gloo
-(``jax_cpu_collectives_implementation``), set before the backend starts.
+plain ``python`` line in a SLURM batch script of several tasks, which is not one of them). On the
+CPU, cross-process collectives go through Gloo (``jax_cpu_collectives_implementation``), set before
+the backend starts.
 
 After start-up ``jax.devices()`` lists every process's devices; the mesh spans them all
 (``parallel.make_mesh``). What the loop needs on top (``maxl_jax.train``):
@@ -25,6 +27,14 @@ After start-up ``jax.devices()`` lists every process's devices; the mesh spans t
 * ``agreed_signal``: a stop request (SIGINT / SIGTERM) seen by any process stops all of them at the
   same step;
 * ``barrier``: every process waits for the others (around process 0's file moves).
+
+What a multi-process run needs: a workdir every process reaches at the same path (a shared file
+system; Orbax writes each process's part of a checkpoint there and every process reads it back),
+and the data on every host (or ``--config.download=True``: process 0 fetches first, then the
+others find a shared copy or fetch their own). Its numbers are those of one process with as many
+devices, up to the float rounding of the cross-process sums (they are summed in another order).
+A process that dies takes the others down when JAX's runtime notices it gone. On the CPU the Gloo
+sums of a small model cost more than its steps: several CPU processes are for tests and trials.
 """
 
 from __future__ import annotations
@@ -88,24 +98,26 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     explicit = {k: v for k, v in given.items() if v is not None}
     if explicit.get("num_processes") is not None and int(explicit["num_processes"]) == 1:
         return False  # one process asked for (also on a cluster JAX would detect): stay one
-    if explicit:
+    cluster = detected_cluster()
+    if explicit and cluster is None:
         missing = sorted(set(given) - set(explicit))
         if missing:
             raise ValueError(
                 "a multi-process run needs --coordinator_address, --num_processes and "
                 "--process_id (or MAXL_COORDINATOR_ADDRESS, MAXL_NUM_PROCESSES, MAXL_PROCESS_ID); "
                 f"missing: {', '.join('--' + m for m in missing)}")
+    if "num_processes" in explicit and "process_id" in explicit:
         n, i = int(explicit["num_processes"]), int(explicit["process_id"])
         if n < 1 or not 0 <= i < n:
             raise ValueError(f"process id {i} is not in [0, {n}) (--num_processes={n})")
-        _use_gloo()
-        jax.distributed.initialize(coordinator_address=str(explicit["coordinator_address"]),
-                                   num_processes=n, process_id=i)
-        return True
-    if detected_cluster() is None:
+    if not explicit and cluster is None:
         return False
     _use_gloo()
-    jax.distributed.initialize()
+    # On a detected cluster, JAX fills in what was not given.
+    jax.distributed.initialize(
+        coordinator_address=explicit.get("coordinator_address"),
+        num_processes=int(explicit["num_processes"]) if "num_processes" in explicit else None,
+        process_id=int(explicit["process_id"]) if "process_id" in explicit else None)
     return True
 
 
@@ -151,8 +163,8 @@ def broadcast_json(value: Any) -> Any:
     if not multi_process():
         return value
     from jax.experimental import multihost_utils
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0,
-                                                                                            np.uint8)
+    text = json.dumps(value).encode() if is_primary() else b""
+    data = np.frombuffer(text, np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
     buffer = np.zeros(size, np.uint8)
     buffer[:data.size] = data

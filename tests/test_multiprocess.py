@@ -12,7 +12,8 @@ fake CPU devices and Gloo collectives, against one process with four.
   stays one process.
 * A workdir in use is refused by every process of a 2-process run, promptly.
 * With nothing given, a SLURM job of several tasks is detected as a multi-process cluster (JAX's
-  own detection), one task is not.
+  own detection), one task is not; inside one, ``jax.distributed.initialize`` gets what was given
+  and JAX fills in the rest; ``--num_processes=1`` keeps one process there.
 
 Every method runs with ``-m slow``; the default suite runs MAXL (one theta1 and one theta2 pass per
 epoch) and AuxiLearn (a meta step interleaved with the training steps, on a held-out split): each
@@ -236,3 +237,22 @@ def test_a_slurm_job_of_several_tasks_is_detected_and_one_task_is_not(monkeypatc
     assert distributed.detected_cluster() == "slurm"
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert distributed.detected_cluster() is None
+
+
+def test_on_a_detected_cluster_jax_fills_in_what_is_not_given(monkeypatch):
+    """Inside a SLURM job of several tasks, ``jax.distributed.initialize`` is called (JAX's own
+    detection supplies the rest), with what was given passed on; outside one, a partial setting
+    is an error (the test above)."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(distributed, "_use_gloo", lambda: calls.append("gloo"))
+    for var in (v for names in distributed.ENV.values() for v in names):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[1-2]",
+                       "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(var, value)
+    assert distributed.initialize() is True
+    monkeypatch.setenv("MAXL_COORDINATOR_ADDRESS", "node1:4321")
+    assert distributed.initialize() is True
+    none = {"coordinator_address": None, "num_processes": None, "process_id": None}
+    assert calls == ["gloo", none, "gloo", {**none, "coordinator_address": "node1:4321"}]
