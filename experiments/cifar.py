@@ -6,6 +6,12 @@ Thin glue: flags in, ``maxl_jax.train.train_and_evaluate`` out. Examples::
     python -m experiments.cifar --xla --method=single --workdir runs/single
     python -m experiments.cifar --xla --config=experiments/configs/cpu.py \\
         --config.data_dir=../shared/data/fashion_mnist --workdir runs/fmnist
+
+Several processes (hosts): the same command in each, with ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (or ``MAXL_COORDINATOR_ADDRESS`` / ``MAXL_NUM_PROCESSES`` /
+``MAXL_PROCESS_ID``; on a Cloud TPU pod slice, under SLURM or Open MPI JAX finds them itself) and a
+``--workdir`` every process can reach (a shared file system or a bucket). See
+``maxl_jax.distributed``.
 """
 
 import os
@@ -18,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maxl_jax import data as data_lib
-from maxl_jax import methods, train, validation
+from maxl_jax import distributed, methods, train, validation
 from maxl_jax.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +37,14 @@ _XLA = flags.DEFINE_bool("xla", True, "Compile the steps with XLA across all loc
                          "(--noxla runs the same code op by op, for debugging).")
 _METHOD = flags.DEFINE_enum("method", None, methods.names(), "Overrides config.method.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Several processes: HOST:PORT of process 0's coordinator (or "
+    "MAXL_COORDINATOR_ADDRESS). Found automatically on Cloud TPU pod slices, SLURM and Open MPI.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Several processes: how many (or "
+                                      "MAXL_NUM_PROCESSES); 1 keeps one process, also on a "
+                                      "cluster JAX detects.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Several processes: this one's id, 0 to "
+                                   "num_processes - 1 (or MAXL_PROCESS_ID); 0 writes the logs.")
 
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the Python traceback of an error "
@@ -39,7 +53,7 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the Python traceback of
 
 # Errors that are the user's to fix: exit 2 with the message alone.
 USER_ERRORS = (ValueError, data_lib.DatasetNotFoundError, data_lib.DatasetCorruptError,
-               CheckpointError)
+               CheckpointError, distributed.PeerError)
 
 
 def main(argv):
@@ -50,7 +64,15 @@ def main(argv):
     if _METHOD.value:
         config.method = _METHOD.value
     show_traceback = _TRACEBACK.value or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
-    warn_ignored(config)
+    try:  # before any JAX computation
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        if show_traceback:
+            raise
+        print(f"\nError: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if distributed.is_primary():
+        warn_ignored(config)
     try:
         summary = train.train_and_evaluate(config, _WORKDIR.value, xla=_XLA.value,
                                            progress=_PROGRESS.value)
@@ -65,7 +87,7 @@ def main(argv):
             raise
         print(f"\nError: {e}\n(--traceback shows where.)", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, train.NonFiniteError) else 2)
-    if summary.get("already_complete"):
+    if summary.get("already_complete") or not distributed.is_primary():
         return
     print(f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
           f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), mean of last "

@@ -10,6 +10,10 @@ raises at once (``CheckpointWriteError``) instead of leaving writer threads behi
 Restore refuses, with a ``CheckpointError`` naming the directory and the fix, and never overwrites or
 deletes: a checkpoint of another run; one that cannot be read or whose bytes fail the checksum (a
 ``DamagedCheckpointError``, which names the newest intact older checkpoint and how to resume from it).
+Several processes (``maxl_jax.distributed``) save and restore together into one shared directory:
+Orbax writes each process's part of the state and, from process 0, the JSON items; every process
+computes the checksum from the replicated state, so all agree on it.
+
 Resuming from an older checkpoint is the user's explicit choice (``restore(step=...)`` or
 ``fallback=True``); the damaged newer ones are then moved, intact, to ``damaged_checkpoints/`` beside
 the checkpoint folder, so that new saves can take their step numbers.
@@ -18,6 +22,7 @@ the checkpoint folder, so that new saves can take their step numbers.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import shutil
 import time
@@ -27,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maxl_jax import distributed
 from maxl_jax.train_state import TrainState
 
 ITEMS = ("state", "run", "checksum")
@@ -84,7 +90,7 @@ class Checkpointer:
     def ensure_writable(self) -> None:
         """Makes the folder and proves it can be written, before any training (raises
         ``CheckpointWriteError``)."""
-        probe = self.directory / f".write_probe_{time.time_ns()}"
+        probe = self.directory / f".write_probe_{os.getpid()}_{time.time_ns()}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"ok")
@@ -199,12 +205,15 @@ class Checkpointer:
         return restored["state"]
 
     def _set_aside(self, steps: list[int], log) -> None:
-        aside = self.directory.parent / "damaged_checkpoints"
-        aside.mkdir(exist_ok=True)
-        for s in steps:
-            dest = aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(str(self.directory / str(s)), str(dest))
-            log(f"Moved checkpoint {s} (newer than the one resumed) to {dest}, intact.")
+        """Moves ``steps`` aside (process 0 alone moves them; every process waits for the move)."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "damaged_checkpoints"
+            aside.mkdir(exist_ok=True)
+            for s in steps:
+                dest = aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(self.directory / str(s)), str(dest))
+                log(f"Moved checkpoint {s} (newer than the one resumed) to {dest}, intact.")
+        distributed.barrier("maxl_jax checkpoints set aside")
         self.manager.close()
         self.manager = self._manager()
 

@@ -23,10 +23,26 @@ What makes a run exact across interruptions:
 
 Written to the workdir: ``checkpoints/``, ``metrics.jsonl`` (one line per epoch), ``summary.json``
 and ``learning_curves.png``.
+
+Several processes (``maxl_jax.distributed``, started before this is called): the mesh spans every
+process's devices and the loop is the same program in each process, which takes the same decisions
+from the same inputs. Every process loads the whole data set, deterministically (the same files and
+seed), and the host computes the same global batch indices in each. What a process transfers is its
+own share only (``distributed.put``, ``jax.make_array_from_callback``): of a step's batch indices,
+the rows of the examples its own devices take (the index array is sharded like the batch); of the
+splits, the copies on its own devices (the splits are replicated, so each device gathers its
+examples locally and the gathered batch is sharded over all devices by the sharding constraint,
+with no cross-process traffic for data). Parameters and metrics stay replicated, so each process
+reads the metrics and finiteness flags from its own devices. Orbax saves and restores the state
+from all processes into the one shared ``checkpoints/``; process 0 alone logs, holds the workdir
+lock and writes ``metrics.jsonl``, ``summary.json`` and the plot, and the records it reads back on
+resume are broadcast to the others. A SIGINT or SIGTERM to any process stops every process after the
+same step (one small all-gather per call), and all save that step's checkpoint together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -48,7 +64,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxl_jax import data as data_lib
-from maxl_jax import hierarchy, methods, parallel, validation
+from maxl_jax import distributed, hierarchy, methods, parallel, validation
 from maxl_jax.checkpoint import Checkpointer, CheckpointError
 from maxl_jax.methods.base import Method
 from maxl_jax.train_state import TrainState
@@ -252,6 +268,8 @@ class _Compiled:
                                       donate_argnums=0),
             }
         self.compile_ahead = compile_ahead
+        self._index_shardings = {1: shard, 2: NamedSharding(mesh, P(None, parallel.DATA_AXIS)),
+                                 "rep": rep}
         self.train, self.meta, self.evaluate = (self._fns["train"], self._fns["meta"],
                                                 self._fns["evaluate"])
         self.train_chunk, self.meta_chunk = self._fns["train_chunk"], self._fns["meta_chunk"]
@@ -263,17 +281,18 @@ class _Compiled:
             return 0.0
         t = time.time()
         k = self.steps_per_call
+        put = self._feed
         if k == 1:
-            self.train = self._fns["train"].lower(state, data, train_idx).compile()
+            self.train = self._fns["train"].lower(state, data, put(train_idx)).compile()
             if self.method.has_meta:
-                self.meta = self._fns["meta"].lower(state, data, meta_idx).compile()
+                self.meta = self._fns["meta"].lower(state, data, put(meta_idx)).compile()
         else:
-            valid = np.ones(k, bool)
+            valid = put(np.ones(k, bool))
             self.train_chunk = self._fns["train_chunk"].lower(
-                state, data, _stack([train_idx] * k), valid).compile()
+                state, data, put(_stack([train_idx] * k)), valid).compile()
             if self.method.has_meta:
                 self.meta_chunk = self._fns["meta_chunk"].lower(
-                    state, data, _stack([meta_idx] * k), valid).compile()
+                    state, data, put(_stack([meta_idx] * k)), valid).compile()
         self.evaluate = self._fns["evaluate"].lower(state, test, eval_idx).compile()
         return time.time() - t
 
@@ -283,12 +302,23 @@ class _Compiled:
         steps when ``steps_per_call`` > 1."""
         if self.steps_per_call == 1:
             assert len(indices) == 1
-            return (self.train if kind == "train" else self.meta)(state, data, indices[0])
+            return (self.train if kind == "train" else self.meta)(state, data,
+                                                                  self._feed(indices[0]))
         k, n = self.steps_per_call, len(indices)
         padded = indices + [indices[-1]] * (k - n)
         valid = np.arange(k) < n
         fn = self.train_chunk if kind == "train" else self.meta_chunk
-        return fn(state, data, _stack(padded), valid)
+        return fn(state, data, self._feed(_stack(padded)), self._feed(valid))
+
+    def _feed(self, tree):
+        """A step's host indices (or ``valid`` flags) as its compiled call takes them: as they are in
+        one process; with several, global arrays of which each process transfers only its devices'
+        part (a batch's indices: the rows of its devices' examples)."""
+        if not distributed.multi_process():
+            return tree
+        return jax.tree_util.tree_map(
+            lambda x: distributed.put(x, self._index_shardings[np.ndim(x)] if np.dtype(x.dtype)
+                                      != np.bool_ else self._index_shardings["rep"]), tree)
 
     def sums_template(self, state, data, train_idx, meta_idx) -> dict:
         """Zeroed running sums with the structure of the steps' metrics (float32)."""
@@ -366,15 +396,27 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
       xla: compile the steps with XLA over all local devices; ``False`` runs the same code
         op by op (``jax.disable_jit``) for debugging.
       progress: show progress bars.
+
+    With several processes every process calls this with the same ``config`` and ``workdir`` (a
+    folder all of them reach); process 0 alone logs, shows progress and writes the files beside
+    the checkpoints (see the module's docstring).
+
     Raises:
       Interrupted: on SIGINT / SIGTERM, after saving a checkpoint.
       NonFiniteError: when a checked quantity becomes NaN or inf (the last finite checkpoint kept).
     """
     validation.validate_config(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    created = not workdir.exists()
+    primary = distributed.is_primary()
+    if distributed.multi_process() and not xla:
+        raise validation.ConfigError(
+            f"a run of {jax.process_count()} processes needs the compiled steps: drop --noxla (it "
+            f"runs op by op, one process only)")
+    if not primary:  # process 0 logs and holds the workdir lock for all
+        log, progress = (lambda s: None), False
+    created = primary and not workdir.exists()
     try:
-        with WorkdirLock(workdir):
+        with _workdir_lock(workdir):
             if not xla:
                 with jax.disable_jit():
                     return _train(config, workdir, progress, log, compile_ahead=False)
@@ -388,7 +430,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
 class WorkdirLock:
     """One writer per workdir: an exclusive ``flock`` on ``<workdir>/.maxl.lock`` (released by the
     kernel when the process dies, however it dies). A second process is refused with a message
-    naming the first."""
+    naming the first. In a multi-process run process 0 alone takes it, for all: the others write
+    no file but their part of the checkpoints, and a second run of several processes is refused at
+    its process 0, which tells the others (``_workdir_lock``): every process exits with the
+    message."""
 
     NAME = ".maxl.lock"
 
@@ -428,6 +473,22 @@ class WorkdirLock:
         self.file.close()
 
 
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+    """``WorkdirLock`` for the run: process 0 takes it for all processes, and its refusal (a
+    ``ConfigError``) stops every process with its message."""
+    if not distributed.multi_process():
+        with WorkdirLock(workdir):
+            yield
+        return
+    lock = distributed.primary_first(lambda: WorkdirLock(workdir).__enter__())
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
 def _remove_if_empty(workdir: pathlib.Path) -> None:
     """Removes a workdir this run created if the run left nothing in it (a failed start)."""
     if not workdir.is_dir():
@@ -451,10 +512,20 @@ def _fault(point: str, value) -> None:
 
 
 def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bool) -> dict:
-    dataset = data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
-                                    primary_level=config.get("primary_level") or None,
-                                    train_fraction=config.train_fraction, seed=config.seed,
-                                    download=config.get("download", False))
+    def load():
+        return data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
+                                     primary_level=config.get("primary_level") or None,
+                                     train_fraction=config.train_fraction, seed=config.seed,
+                                     download=config.get("download", False))
+
+    if distributed.multi_process() and config.get("download", False):
+        # Process 0 downloads first, so that a data_dir the hosts share is fetched once (and no two
+        # processes write one partial file); the others then find it, or fetch their own copy.
+        dataset = distributed.primary_first(load)
+        if not distributed.is_primary():
+            dataset = load()
+    else:
+        dataset = load()
     mesh = parallel.make_mesh()
     n_dev = mesh.devices.size
     # A batch the devices do not divide is padded to the next multiple and the padding masked out.
@@ -505,11 +576,12 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         log(f"Batch {config.batch_size} over {n_dev} devices: each step's batch is padded to "
             f"{padded_batch}, the {padded_batch - config.batch_size} padding examples masked out of "
             f"every mean and BatchNorm statistic.")
-    state = jax.device_put(method.init(jax.random.PRNGKey(config.seed), dataset.image_shape), rep)
+    state = method.init(jax.random.PRNGKey(config.seed), dataset.image_shape)
+    state = distributed.put(jax.device_get(state) if distributed.multi_process() else state, rep)
     example_train = np.zeros(padded_batch, np.int32)
     example_meta = {s: example_train for s in schedule.sources}
     zero_sums = jax.device_get(compiled.sums_template(state, data, example_train, example_meta))
-    state = state.replace(sums=jax.device_put(zero_sums, rep))
+    state = state.replace(sums=distributed.put(zero_sums, rep))
     ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, method, held_ident),
                         config.keep_checkpoints)
     if ckpt.latest_step() is not None:
@@ -527,7 +599,11 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
             f"untouched: use another --workdir")
 
     metrics_path = workdir / "metrics.jsonl"
-    records = _read_records(metrics_path, keep_before=start_epoch)
+    primary = distributed.is_primary()
+    # Process 0's records, in every process: the decisions below (rebuild a record, finish) take
+    # collective steps, which all processes must take together.
+    records = distributed.broadcast_json(distributed.primary_first(
+        lambda: _read_records(metrics_path, keep_before=start_epoch)))
 
     def finish_epoch(epoch: int, state, epoch_time, images_per_sec) -> dict:
         sums = jax.device_get(state.sums)
@@ -549,7 +625,8 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         # checkpoint (its sums and its final parameters).
         records.append(finish_epoch(start_epoch - 1, state, None, None))
         log(f"Rebuilt the record of epoch {start_epoch} from the checkpoint")
-    _write_records(metrics_path, records)
+    if primary:
+        _write_records(metrics_path, records)
     lost = sorted(set(range(start_epoch)) - {r["epoch"] for r in records})
     if lost:
         log(f"Warning: {metrics_path} has no record of epoch(s) {[e + 1 for e in lost]} (the file "
@@ -591,7 +668,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         for epoch in range(start_epoch, config.epochs):
             first = offset if epoch == start_epoch else 0
             if first == 0:  # a fresh copy: the steps donate the state, sums included
-                state = state.replace(sums=jax.device_put(zero_sums, rep))
+                state = state.replace(sums=distributed.put(zero_sums, rep))
             order = orders(epoch)
             bar = _progress(len(events), f"epoch {epoch + 1}/{config.epochs}", progress)
             if bar is not None:
@@ -621,8 +698,9 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
                 for g in range(e, end):
                     _fault("event", epoch * len(events) + g + 1)
                 e = end
-                if stop["signal"] is not None:
-                    raise _interrupt(stop["signal"])
+                signum = distributed.agreed_signal(stop["signal"])
+                if signum is not None:
+                    raise _interrupt(signum)
             check(pending)
             if bar is not None:
                 bar.close()
@@ -630,12 +708,14 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
             record = finish_epoch(epoch, state, elapsed,
                                   trained * config.batch_size / max(elapsed, 1e-9))
             records.append(record)
-            _append_record(metrics_path, record)
+            if primary:
+                _append_record(metrics_path, record)
             _fault("record", epoch + 1)
             log(_epoch_line(record, config.epochs, method))
             save(state, pending)
-            if stop["signal"] is not None:
-                raise _interrupt(stop["signal"])
+            signum = distributed.agreed_signal(stop["signal"])
+            if signum is not None:
+                raise _interrupt(signum)
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signum", signal.SIGINT)
         try:
@@ -700,7 +780,7 @@ def _device_split(split: data_lib.Split, method: Method, seed: int, sharding) ->
     aux = auxiliary_labels(method, split, seed)
     if aux is not None:
         arrays["aux"] = aux
-    return jax.device_put(arrays, sharding)
+    return distributed.put(arrays, sharding)
 
 
 def _test_data(dataset, eval_batch_size: int, n_dev: int, sharding):
@@ -710,13 +790,15 @@ def _test_data(dataset, eval_batch_size: int, n_dev: int, sharding):
     n_test = len(dataset.test)
     n_batches = math.ceil(n_test / eval_bs)
     pad = n_batches * eval_bs - n_test
-    test = jax.device_put({
+    test = distributed.put({
         "image": np.concatenate([dataset.test.images,
                                  np.zeros((pad, *dataset.image_shape), np.uint8)]),
         "primary": np.concatenate([dataset.test.primary, np.zeros(pad, np.int32)]).astype(np.int32),
         "mask": np.concatenate([np.ones(n_test, np.float32), np.zeros(pad, np.float32)]),
     }, sharding)
     eval_idx = np.arange(n_batches * eval_bs, dtype=np.int32).reshape(n_batches, eval_bs)
+    if distributed.multi_process():  # a jitted call takes global arrays only
+        eval_idx = distributed.put(eval_idx, sharding)
     return test, eval_idx
 
 
@@ -813,10 +895,11 @@ def _epoch_line(r: dict, epochs: int, method: Method) -> str:
 
 def _finish(config, workdir, records, state, steps_per_epoch) -> dict:
     summary = summarize(records, config, steps_per_epoch)
-    _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
-    plot_learning_curves(records, workdir / "learning_curves.png",
-                         methods.get(config.method).report,
-                         title=f"{config.method} on {config.dataset} ({config.arch})")
+    if distributed.is_primary():
+        _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+        plot_learning_curves(records, workdir / "learning_curves.png",
+                             methods.get(config.method).report,
+                             title=f"{config.method} on {config.dataset} ({config.arch})")
     summary["state"] = state
     return summary
 
@@ -825,7 +908,7 @@ def _complete(config, workdir, records, state, steps_per_epoch, log) -> dict:
     """A run that has already done its epochs: say so and change nothing (the summary is only
     written when absent)."""
     path = workdir / "summary.json"
-    if path.exists():
+    if distributed.is_primary() and path.exists():
         summary = json.loads(path.read_text())
     else:
         summary = _finish(config, workdir, records, state, steps_per_epoch)
