@@ -24,7 +24,6 @@ two-core CPU per method), too long for every method in every run of the suite.
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
