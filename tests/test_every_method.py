@@ -101,8 +101,8 @@ def test_every_method_runs_from_the_command_line_and_resumes_exactly(method, tmp
 @pytest.mark.parametrize("method, devices, batch, steps_per_call", [
     # the reference's batch, which 8 devices do not divide (padded and masked), 3 steps a call
     ("maxl", 8, 100, 3),
-    # a held-out split and a meta step after every training step, on 2 devices
-    ("auxilearn", 2, 16, 1),
+    # a held-out split and a meta step after every training step, on 2 devices, 3 steps a call
+    ("auxilearn", 2, 16, 3),
 ])
 def test_the_main_job_on_several_devices_ends_with_the_1_device_numbers(
         method, devices, batch, steps_per_call, tmp_path, compilation_cache):

@@ -1,11 +1,8 @@
 """Data parallelism: 8 devices give the 1-device result; steps compile once; bad batches fail early."""
 
-import fcntl
 import json
-import os
 import pathlib
-import subprocess
-import sys
+import time
 
 import chex
 import jax
@@ -23,22 +20,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def multidevice(tmp_path_factory):
-    """Runs tests/multidevice_check.py with 8 fake CPU devices (JAX's device count is fixed at start),
-    once per test session: under pytest-xdist the first worker to get here computes it while holding
-    a lock in the session's shared temporary folder, and the others read its result."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the session's folder, the same for every xdist worker
-    result = shared / "multidevice_check.json"
-    with open(shared / "multidevice_check.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not result.exists():
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_check.py")],
-                                 capture_output=True, text=True, env=env, timeout=1800)
-            assert out.returncode == 0, out.stderr[-3000:]
-            result.write_text(out.stdout.strip().splitlines()[-1])
-        return json.loads(result.read_text())
+    """The result of tests/multidevice_check.py with 8 fake CPU devices (JAX's device count is fixed
+    at start), run once per session in the background (started by tests/conftest.py when the session
+    collected a test that needs it)."""
+    from conftest import multidevice_folder, start_multidevice_check
+    folder = multidevice_folder(tmp_path_factory)
+    start_multidevice_check(folder)  # already started, unless this test was collected alone
+    deadline = time.time() + 1800
+    while not (folder / "multidevice.rc").exists():
+        assert time.time() < deadline, "tests/multidevice_check.py did not finish in 30 minutes"
+        time.sleep(1)
+    rc = int((folder / "multidevice.rc").read_text())
+    assert rc == 0, (folder / "multidevice.err").read_text()[-3000:]
+    return json.loads((folder / "multidevice.out").read_text().strip().splitlines()[-1])
 
 
 def test_train_and_meta_step_on_8_devices_equal_1_device(multidevice):

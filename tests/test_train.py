@@ -216,11 +216,12 @@ def without_timings(workdir) -> list[dict]:
              if k not in ("epoch_time", "train_images_per_sec")} for line in lines]
 
 
-@pytest.mark.parametrize("method", ["maxl", "auxilearn"])
+@pytest.mark.parametrize("method", ["maxl"])
 def test_chunks_of_steps_in_one_call_give_the_step_by_step_run(method, tmp_path):
     """``steps_per_call=3``: scans of up to 3 steps of one kind, cut short at the end of the
     epoch's training pass and wherever ``checkpoint_every_steps=3`` asks for a checkpoint (MAXL: 4
-    training then 4 meta steps an epoch; AuxiLearn here: a meta step after every training step).
+    training then 4 meta steps an epoch; an interleaved schedule in chunks, on 2 devices: AuxiLearn
+    in tests/test_every_method.py).
     Against one step per call: the same parameters, the same records, checkpoints at the same steps,
     and a run resumed with another chunk size ends the same."""
     common = dict(method=method, max_steps_per_epoch=4, checkpoint_every_steps=3,
