@@ -49,19 +49,7 @@ def flat(tree):
     return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
 
 
-def make_batch(seed, tasks=(), n=8):
-    rng = np.random.default_rng(seed)
-    primary = rng.integers(0, len(PSI), n)
-    batch = {"image": jnp.asarray(rng.normal(size=(n, *SHAPE)), jnp.float32),
-             "primary": jnp.asarray(primary, jnp.int32)}
-    if tasks:
-        cols = []
-        for task in tasks:
-            psi = np.asarray(task.psi)
-            starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
-            cols.append(starts[primary] + rng.integers(0, 1 << 30, n) % psi[primary])
-        batch["aux"] = jnp.asarray(np.stack(cols, 1), jnp.int32)
-    return batch
+from test_methods import make_batch  # noqa: E402  (the same PSI and SHAPE)
 
 
 def tiny_method(tasks=TASKS, terms=3, alpha=1.0, modules="blocks", lr=0.01, meta_lr=1e-2):
