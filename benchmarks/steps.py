@@ -535,7 +535,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--conv-impl", default="auto",
                     help="comma-separated maxl_jax.conv implementations: auto, xla, patches, "
-                         "shifted_matmul (default auto)")
+                         "shifted_matmul, hybrid (default auto)")
     ap.add_argument("--forms", default=",".join(FORMS), help="meta-gradient forms to time")
     ap.add_argument("--dtype", default="float32",
                     help=f"comma-separated compute dtypes of the JAX networks, each timed: "

@@ -15,10 +15,32 @@ in NHWC / HWIO, up to float rounding):
   ``(dy, dx)``: ``y = sum_{dy,dx} xpad[:, dy:dy+H, dx:dx+W, :] @ k[dy, dx]``.
 * ``"patches"``: im2col: concatenate the nine shifted views along channels, ``(N*H*W, 9*Cin)``,
   and multiply once by the kernel reshaped to ``(9*Cin, Cout)``.
+* ``"hybrid"``: the forward convolution and its kernel gradient are each given their derivatives
+  by ``jax.custom_vjp`` in terms of one another (see the rules above ``_conv_hybrid``), so every
+  derivative order is made of two operations in their canonical layouts, never of XLA's
+  transposed convolutions; each is computed by whichever form is fast at its shape: XLA's
+  convolution from 4x4 and 16 input channels up, else ``"patches"``; the kernel gradient by XLA's
+  kernel-transposed convolution (fast at every VGG-16 shape). Reverse mode only (``jax.grad``,
+  ``jax.vjp``, any order); for ``jax.jvp`` use another form or :func:`forward_mode`.
 * ``"auto"``: ``"xla"`` on accelerators (``jax.default_backend() != "cpu"`` at trace time);
-  ``"patches"`` for every layer on the CPU (:func:`select_impl`).
+  on the CPU ``"hybrid"`` for layers with at least ``HYBRID_MIN_CHANNELS`` (128) input channels
+  and ``"patches"`` for the others, and ``"patches"`` everywhere inside :func:`forward_mode`
+  (:func:`select_impl`).
 
-Why ``"patches"`` everywhere on the CPU: MAXL's time goes to differentiated convolutions (each
+Why this split on the CPU (since 2026-12; 2-core AVX-512 machine, jax 0.10.2; interleaved A/B of
+the whole VGG-16 MAXL steps at batch 100, ``python -m benchmarks.ab_steps``, files
+``benchmarks/results/conv_hybrid_*.md`` and ``conv_auto_*.md``): ``"hybrid"`` everywhere made the
+theta2 (meta) step 12-22% faster than ``"patches"`` with half the memory (no 9x im2col copy kept
+for the backward pass), but the theta1 step 5-7% slower, and on the small CNN (32-128 channels)
+both steps 8-15% slower. ``"hybrid"`` only from 128 input channels up (VGG-16's last ten layers)
+was the fastest theta2 (8641 ms against 12651 for ``"patches"`` and 9060 for ``"hybrid"``
+everywhere; PyTorch 7534: 0.90x against 0.64x) with theta1 within the noise of ``"patches"`` (2690
+against 2532 ms, 0.73x and 0.75x PyTorch). The small CNN keeps
+``"patches"``. XLA's first-order convolution is fast on that machine except at 2x2 (1000 ms for
+13 ms), while its second derivatives are 2.5-3.5x slower than ``"patches"`` at every layer:
+``"hybrid"`` never takes them.
+
+Why ``"patches"`` was the CPU choice before (the table below, on an older 2-core machine): MAXL's time goes to differentiated convolutions (each
 theta1 step is a forward + backward, each theta2 step adds second derivatives). For forward +
 backward ``"patches"`` is the fastest form or within about 20% of the fastest (16x16x128) on every
 layer, and for second derivatives it is about 3x faster than XLA on every layer ("2nd order":
@@ -50,6 +72,9 @@ forward-only (evaluation) use on the CPU if that matters: parameters are identic
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -60,19 +85,52 @@ from jax import lax
 
 from maxl_jax import precision as precision_lib
 
-IMPLS = ("xla", "shifted_matmul", "patches", "auto")
+IMPLS = ("xla", "shifted_matmul", "patches", "hybrid", "auto")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+# "auto" takes "hybrid" on the CPU for layers with at least this many input channels ("patches" for
+# the others): measured faster so on VGG-16, slower on the small CNN's 32-64-channel layers
+HYBRID_MIN_CHANNELS = 128
+
+_STATE = threading.local()  # .forward_mode: inside forward_mode() while a function is traced
+
+
+@contextlib.contextmanager
+def forward_mode():
+    """Within this context, ``impl="auto"`` picks an implementation that ``jax.jvp`` can
+    differentiate (``"patches"`` on the CPU instead of ``"hybrid"``).
+
+    ``"hybrid"`` defines its derivatives with ``jax.custom_vjp``, so it supports reverse mode
+    (``jax.grad``, ``jax.vjp``, to any order) but not forward mode: JAX raises "can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function". Trace a function that uses forward mode
+    through these convolutions (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) inside this context,
+    or pass ``impl="patches"``; ``maxl_jax.meta``'s ``forward_over_reverse`` form does it for you.
+    It acts when the function is traced (the first call of a ``jax.jit``-compiled function), and
+    is per thread.
+    """
+    before = getattr(_STATE, "forward_mode", False)
+    _STATE.forward_mode = True
+    try:
+        yield
+    finally:
+        _STATE.forward_mode = before
 
 
 def select_impl(x_shape, kernel_shape, backend: str | None = None) -> str:
     """The implementation ``impl="auto"`` uses for an NHWC input / HWIO kernel of these shapes.
 
     ``"xla"`` unless the backend (default ``jax.default_backend()``) is the CPU, where it is
-    ``"patches"`` for every shape (see the module docstring for the measurements).
+    ``"hybrid"`` (``"patches"`` inside :func:`forward_mode`), which itself picks XLA's convolution
+    or the im2col matmul by shape at every derivative order (see the module docstring).
     """
-    del x_shape, kernel_shape  # one form wins (or nearly) on every VGG-16 layer shape
+    del x_shape
     backend = jax.default_backend() if backend is None else backend
-    return "patches" if backend == "cpu" else "xla"
+    if backend != "cpu":
+        return "xla"
+    if getattr(_STATE, "forward_mode", False) or kernel_shape[2] < HYBRID_MIN_CHANNELS:
+        return "patches"
+    return "hybrid"
 
 
 def _pad1(x):
@@ -111,7 +169,73 @@ def _conv_patches(x, kernel, precision):
     return _matmul(cols, kernel.reshape(9 * cin, kernel.shape[-1]), precision)
 
 
-_FNS = {"xla": _conv_xla, "shifted_matmul": _conv_shifted_matmul, "patches": _conv_patches}
+# ------------------------------------------------------------------------------ "hybrid"
+# Every derivative of a 3x3 SAME convolution is again one of two canonical operations:
+#   conv(x, k)      (N,H,W,Ci) x (3,3,Ci,Co) -> (N,H,W,Co)   the forward convolution
+#   kgrad(x, g)     (N,H,W,Ci) x (N,H,W,Co) -> (3,3,Ci,Co)   its kernel gradient
+# with  d conv / dx . g = conv(g, flip(k)),  d conv / dk . g = kgrad(x, g),
+#       d kgrad / dx . G = conv(g, flip(G)), d kgrad / dg . G = conv(x, G),
+# where flip(k) = k[::-1, ::-1].swapaxes(2, 3) (the transposed convolution of a stride-1 SAME 3x3
+# convolution is the SAME convolution with the flipped, channel-swapped kernel). Defining both with
+# these rules (jax.custom_vjp), every derivative order is made of these two operations in their
+# canonical layouts, each computed by whichever of XLA's convolution and the im2col matmul is fast
+# at its shape, instead of XLA's transposed convolutions, slow on the CPU at second order.
+
+
+def _flip(k):
+    return jnp.swapaxes(k[::-1, ::-1], 2, 3)
+
+
+def _conv_fast(x, kernel, precision):
+    """The forward convolution by the form that is fast at this shape on XLA:CPU."""
+    _, h, w, cin = x.shape
+    if min(h, w) >= 4 and cin >= 16:  # XLA's convolution; the im2col copies cost more here
+        return _conv_xla(x, kernel, precision)
+    return _conv_patches(x, kernel, precision)  # 2x2 (XLA pathological) and few input channels
+
+
+def _kgrad_fast(x, g, precision):
+    """``sum_{n,h,w} xpad[n, h+a, w+b, i] g[n, h, w, o]`` as ``(3, 3, Ci, Co)``: the transpose of
+    XLA's convolution in the kernel (as fast as or faster than im2col at every VGG-16 shape, 2x2
+    included; only its own derivatives are slow, and those are never taken: see the rules above)."""
+    kernel = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), g.dtype)
+    return jax.linear_transpose(lambda k: _conv_xla(x, k, precision), kernel)(g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_hybrid(x, kernel, precision):
+    return _conv_fast(x, kernel, precision)
+
+
+def _conv_hybrid_fwd(x, kernel, precision):
+    return _conv_fast(x, kernel, precision), (x, kernel)
+
+
+def _conv_hybrid_bwd(precision, res, g):
+    x, kernel = res
+    return _conv_hybrid(g, _flip(kernel), precision), _kgrad_hybrid(x, g, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kgrad_hybrid(x, g, precision):
+    return _kgrad_fast(x, g, precision)
+
+
+def _kgrad_hybrid_fwd(x, g, precision):
+    return _kgrad_fast(x, g, precision), (x, g)
+
+
+def _kgrad_hybrid_bwd(precision, res, gk):
+    x, g = res
+    return _conv_hybrid(g, _flip(gk), precision), _conv_hybrid(x, gk, precision)
+
+
+_conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
+_kgrad_hybrid.defvjp(_kgrad_hybrid_fwd, _kgrad_hybrid_bwd)
+
+
+_FNS = {"xla": _conv_xla, "shifted_matmul": _conv_shifted_matmul, "patches": _conv_patches,
+        "hybrid": _conv_hybrid}
 
 
 def conv3x3(x, kernel, bias=None, *, impl: str = "auto", precision=None) -> jax.Array:
@@ -121,7 +245,8 @@ def conv3x3(x, kernel, bias=None, *, impl: str = "auto", precision=None) -> jax.
       x: ``(N, H, W, Cin)`` floating-point input.
       kernel: ``(3, 3, Cin, Cout)`` (the layout of ``flax.linen.Conv``'s ``kernel``).
       bias: optional ``(Cout,)``, added to the output.
-      impl: ``"xla"``, ``"shifted_matmul"``, ``"patches"`` or ``"auto"`` (module docstring).
+      impl: ``"xla"``, ``"shifted_matmul"``, ``"patches"``, ``"hybrid"`` or ``"auto"`` (module
+        docstring).
       precision: passed to the convolution / matrix products (``lax.Precision``), as in ``nn.Conv``.
 
     Returns:

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from maxl_jax.conv import IMPLS, Conv3x3, conv3x3, select_impl
+from maxl_jax.conv import (HYBRID_MIN_CHANNELS, IMPLS, Conv3x3, conv3x3, forward_mode,
+                           select_impl)
 
-# (N, H, W, Cin, Cout): 2x2 (VGG's last block), 1x1 (SAME on a single pixel), odd and non-square
-SHAPES = [(2, 2, 2, 5, 7), (3, 1, 1, 4, 3), (2, 5, 7, 3, 6), (2, 8, 8, 16, 8), (1, 3, 4, 2, 2)]
+# (N, H, W, Cin, Cout): 2x2 (VGG's last block), 1x1 (SAME on a single pixel), odd and non-square;
+# the last two take "hybrid"'s XLA branch (>= 4x4, >= 16 channels in), the last also in its input
+# gradient (>= 16 channels out)
+SHAPES = [(2, 2, 2, 5, 7), (3, 1, 1, 4, 3), (2, 5, 7, 3, 6), (1, 3, 4, 2, 2), (2, 8, 8, 16, 8),
+          (2, 4, 5, 16, 20)]
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -41,7 +45,7 @@ def _data(shape, seed=0):
 
 # "auto" is one of these on any backend (test_auto_rule checks which); testing it again would only
 # double the compile time
-FORMS = ("xla", "shifted_matmul", "patches")
+FORMS = ("xla", "shifted_matmul", "patches", "hybrid")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -89,8 +93,8 @@ def test_module_dtypes_follow_nn_conv():
         assert ours.apply(p, x).dtype == theirs.apply(p_nn, x).dtype
 
 
-GRAD_SHAPES = {"2x2": SHAPES[0], "1x1": SHAPES[1], "5x7": SHAPES[2]}
-SECOND_ORDER_SHAPES = {"2x2": SHAPES[0], "5x7": SHAPES[2]}
+GRAD_SHAPES = {"2x2": SHAPES[0], "1x1": SHAPES[1], "5x7": SHAPES[2], "4x5x16": SHAPES[5]}
+SECOND_ORDER_SHAPES = {"2x2": SHAPES[0], "5x7": SHAPES[2], "4x5x16": SHAPES[5]}
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES.values(), ids=GRAD_SHAPES.keys())
@@ -134,10 +138,76 @@ def test_second_order_derivatives_match(shape):
     want_hvp, want_meta = hvp(ref_conv)(x, k), meta_grad(ref_conv)(x, k)
     for impl in FORMS:
         ours = lambda x, k, b, impl=impl: conv3x3(x, k, b, impl=impl)  # noqa: E731
-        for what, got, want in [("hvp", hvp(ours)(x, k), want_hvp),
-                                ("meta-gradient", meta_grad(ours)(x, k), want_meta)]:
+        # "hybrid" is reverse-mode only (jax.custom_vjp): test_hybrid_forward_mode covers jvp
+        checks = [("meta-gradient", meta_grad(ours)(x, k), want_meta)]
+        if impl != "hybrid":
+            checks.append(("hvp", hvp(ours)(x, k), want_hvp))
+        # float32 rounding grows with the contraction (9 * Cin terms per output, twice over)
+        rel = 2e-5 if shape[3] < 16 else 1e-4
+        for what, got, want in checks:
             for name, g, w in zip("xk", got, want):
-                assert_close_normwise(g, w, msg=f"{impl}: {what} d/d{name}")
+                assert_close_normwise(g, w, rel=rel, msg=f"{impl}: {what} d/d{name}")
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=["2x2", "4x5x16"])
+def test_hybrid_third_order_matches(shape):
+    """'hybrid' defines each derivative through the same two custom-VJP operations, so every order
+    follows its rules: the gradient of a meta-gradient's squared norm (third order) agrees too."""
+    x, k, b, c = _data(shape)
+
+    def third(conv):
+        def meta(x, k):
+            fast = k - 0.5 * jax.grad(lambda k: jnp.sum(jnp.tanh(conv(x, k, b)) * c))(k)
+            return jnp.sum(jnp.sin(conv(x, fast, b)))
+
+        def sq_norm(x, k):
+            return sum(jnp.sum(g ** 2) for g in jax.grad(meta, argnums=(0, 1))(x, k))
+        return jax.jit(jax.grad(sq_norm, argnums=(0, 1)))
+
+    ours = lambda x, k, b: conv3x3(x, k, b, impl="hybrid")  # noqa: E731
+    for name, g, w in zip("xk", third(ours)(x, k), third(ref_conv)(x, k)):
+        assert_close_normwise(g, w, rel=1e-4, msg=f"third order d/d{name}")
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=["2x2", "4x5x16"])
+def test_hybrid_bfloat16_meta_gradient(shape):
+    """In bfloat16 (``--config.dtype=bfloat16``) 'hybrid''s custom rules keep the dtype at every
+    order and its meta-gradient agrees with XLA's in bfloat16 to bfloat16's rounding (8 bits of
+    mantissa: 2**-8 = 4e-3 per operation; 2e-2 leaves room for a few roundings apart)."""
+    x, k, b, c = (a.astype(jnp.bfloat16) for a in _data(shape))
+
+    def meta_grad(impl):
+        def inner(k):
+            return jnp.sum(jnp.tanh(conv3x3(x, k, b, impl=impl)).astype(jnp.float32) * c)
+
+        def outer(x, k):
+            fast = k - 0.5 * jax.grad(inner)(k)
+            return jnp.sum(jnp.sin(conv3x3(x, fast, b, impl=impl)).astype(jnp.float32))
+        return jax.jit(jax.grad(outer, argnums=(0, 1)))(x, k)
+
+    for name, g, w in zip("xk", meta_grad("hybrid"), meta_grad("xla")):
+        assert g.dtype == w.dtype == jnp.bfloat16
+        assert_close_normwise(g.astype(jnp.float32), w.astype(jnp.float32), rel=2e-2,
+                              msg=f"bfloat16 meta-gradient d/d{name}")
+
+
+def test_hybrid_forward_mode():
+    """jax.jvp through 'hybrid' fails with JAX's own message; 'auto' traced inside
+    conv.forward_mode() picks a form jvp can differentiate, with the same derivative."""
+    shape = (1, 4, 4, HYBRID_MIN_CHANNELS, 3)  # where "auto" is "hybrid" outside the context
+    x, k, b, c = _data(shape)
+    vk = _data(shape, seed=1)[1]
+
+    def loss(impl):
+        return lambda k: jnp.sum(jnp.tanh(conv3x3(x, k, b, impl=impl)) * c)
+
+    for impl in ("hybrid", "auto"):
+        with pytest.raises(TypeError, match="custom_vjp"):
+            jax.jvp(jax.grad(loss(impl)), (k,), (vk,))
+    want = jax.jvp(jax.grad(loss("xla")), (k,), (vk,))[1]
+    with forward_mode():
+        got = jax.jit(lambda k, v: jax.jvp(jax.grad(loss("auto")), (k,), (v,))[1])(k, vk)
+    assert_close_normwise(got, want)
 
 
 def test_bad_impl_raises():
@@ -162,13 +232,25 @@ def test_auto_rule():
     # accelerators keep the standard convolution
     assert select_impl((100, 2, 2, 512), (3, 3, 512, 512), backend="gpu") == "xla"
     assert select_impl((100, 32, 32, 64), (3, 3, 64, 64), backend="tpu") == "xla"
-    # CPU: the im2col matmul form, which avoids XLA:CPU's slow convolutions (module docstring)
+    with forward_mode():
+        assert select_impl((100, 2, 2, 512), (3, 3, 512, 512), backend="gpu") == "xla"
+    # CPU: "hybrid" from HYBRID_MIN_CHANNELS input channels up (it picks XLA's convolution or the
+    # im2col matmul by shape, at every derivative order: module docstring), "patches" below, and
+    # "patches" wherever forward mode is wanted
     for s, cin in [(1, 512), (2, 512), (4, 256), (8, 128), (16, 64), (32, 3), (32, 64)]:
-        assert select_impl((100, s, s, cin), (3, 3, cin, 64), backend="cpu") == "patches"
-    if jax.default_backend() == "cpu":
-        assert select_impl((100, 2, 2, 512), (3, 3, 512, 512)) == "patches"
-        # and "auto" really dispatches there: its jaxpr has no convolution
-        x, k, _, _ = _data(SHAPES[0])
-        assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, k: conv3x3(x, k))(x, k))
-        assert "conv_general_dilated" in str(
-            jax.make_jaxpr(lambda x, k: conv3x3(x, k, impl="xla"))(x, k))
+        want = "hybrid" if cin >= HYBRID_MIN_CHANNELS else "patches"
+        assert select_impl((100, s, s, cin), (3, 3, cin, 64), backend="cpu") == want
+        with forward_mode():
+            assert select_impl((100, s, s, cin), (3, 3, cin, 64), backend="cpu") == "patches"
+    assert select_impl((100, 2, 2, 512), (3, 3, 512, 512), backend="cpu") == "hybrid"  # restored
+    if jax.default_backend() == "cpu":  # and "auto" really dispatches there
+        x = jnp.ones((1, 2, 2, HYBRID_MIN_CHANNELS))
+        k = jnp.ones((3, 3, HYBRID_MIN_CHANNELS, 2))
+
+        def jaxpr(x, k, **kw):
+            return str(jax.make_jaxpr(lambda x, k: conv3x3(x, k, **kw))(x, k))
+        assert "custom_vjp_call" in jaxpr(x, k)
+        assert "custom_vjp_call" not in jaxpr(x[..., :4], k[:, :, :4])  # few channels: patches
+        with forward_mode():
+            assert "custom_vjp_call" not in jaxpr(x, k) and "conv_general_dilated" not in jaxpr(x, k)
+        assert "conv_general_dilated" in jaxpr(x, k, impl="xla")

@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.arch = "vgg16"                # vgg16 | small
     c.width = 0                     # small CNN: first block's filters (0: 32)
     c.head_width = 0                # 0: 512 for vgg16, the backbone width for small
-    c.conv_impl = "auto"            # auto | xla | shifted_matmul | patches
+    c.conv_impl = "auto"            # auto | xla | shifted_matmul | patches | hybrid
     c.dtype = "float32"             # the networks' compute dtype: float32 | bfloat16 | float16
                                     # (parameters, optimizer states, losses stay float32)
     c.loss_scale = 1.0              # static loss scale, a power of two (1: none); only for methods

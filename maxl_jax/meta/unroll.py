@@ -25,6 +25,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import optax
 
+from maxl_jax import conv
+
 PyTree = Any
 # loss(params, hyper) -> (scalar loss, aux pytree)
 LossFn = Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]]
@@ -119,7 +121,10 @@ def _forward_over_reverse(inner_loss, outer_loss, params, hyper, optimizer):
     def jvp_mixed_term(grad_hyper_at, w):
         return jax.jvp(grad_hyper_at, (params,), (w,))[1]
 
-    return one_step_meta_gradient(inner_loss, outer_loss, params, hyper, optimizer, jvp_mixed_term)
+    # jax.jvp through our CPU convolutions needs their forward-mode-capable form (conv.forward_mode)
+    with conv.forward_mode():
+        return one_step_meta_gradient(inner_loss, outer_loss, params, hyper, optimizer,
+                                      jvp_mixed_term)
 
 
 def one_step_meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: PyTree, hyper: PyTree,
