@@ -16,19 +16,17 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import tiny
 from maxl_jax import methods, train
-from maxl_jax.checkpoint import read_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from mock_data_cli import NUM_EXAMPLES  # noqa: E402
-TIMINGS = ("epoch_time", "train_images_per_sec")
+from run_outputs import final_state, records  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,21 +47,6 @@ def cli(workdir, method, cache, *flags, devices=1, examples=NUM_EXAMPLES):
          "--config.primary_level=20", f"--method={method}", f"--workdir={workdir}",
          "--noprogress", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return out
-
-
-def final_state(workdir) -> dict:
-    """The newest checkpoint's train state as a flat ``{path: array}``."""
-    tree = read_state(pathlib.Path(workdir) / "checkpoints")
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def records(workdir) -> list[dict]:
-    out = []
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out.append({k: v for k, v in rec.items() if k not in TIMINGS})
     return out
 
 

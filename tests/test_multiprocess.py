@@ -22,7 +22,6 @@ a two-core CPU per method), too long for every method in every run of the suite 
 within CI's budget.
 """
 
-import json
 import os
 import pathlib
 import socket
@@ -34,13 +33,12 @@ import numpy as np
 import pytest
 
 from maxl_jax import distributed, methods
-from maxl_jax.checkpoint import read_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from mock_data_cli import NUM_EXAMPLES  # noqa: E402
+from run_outputs import final_state, records  # noqa: E402
 
-TIMINGS = ("epoch_time", "train_images_per_sec")
 TIMEOUT = 600  # seconds for one run; both processes are killed past it
 RTOL = 1e-6
 
@@ -102,17 +100,6 @@ def two_processes(workdir, method, *flags, fault_in_1=None, expect=0):
     for i, (code, o, e) in enumerate(results):
         assert code == expect, f"process {i} exited {code}\n{o[-2000:]}\n{e[-3000:]}"
     return results
-
-
-def final_state(workdir) -> dict:
-    tree = read_state(pathlib.Path(workdir) / "checkpoints")
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def records(workdir) -> list:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
-            for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_close_states(a: dict, b: dict):

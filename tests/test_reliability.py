@@ -34,7 +34,9 @@ from maxl_jax.checkpoint import (CheckpointError, CheckpointWriteError, DamagedC
 pytestmark = pytest.mark.xdist_group("test_reliability")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TIMINGS = ("epoch_time", "train_images_per_sec")
+sys.path.insert(0, str(ROOT / "tests"))
+from run_outputs import final_state as flat_state, records  # noqa: E402
+
 SUMMARY_TIMINGS = ("train_time_s", "train_images_per_sec")
 
 
@@ -56,17 +58,6 @@ def cli(workdir, cache, *flags, fault=None, timeout=600):
          "--config=experiments/configs/tiny.py", "--config.dataset=cifar100",
          "--config.primary_level=20", f"--workdir={workdir}", "--noprogress", *flags],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def flat_state(workdir) -> dict:
-    tree = read_state(pathlib.Path(workdir) / "checkpoints")
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def records(workdir) -> list:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
-            for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def summary(workdir) -> dict:
