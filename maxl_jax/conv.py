@@ -73,7 +73,6 @@ forward-only (evaluation) use on the CPU if that matters: parameters are identic
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from typing import Any, Callable
 
@@ -202,36 +201,25 @@ def _kgrad_fast(x, g, precision):
     return jax.linear_transpose(lambda k: _conv_xla(x, k, precision), kernel)(g)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_hybrid(x, kernel, precision):
-    return _conv_fast(x, kernel, precision)
+def _custom_vjp_op(fast, rule):
+    """``op(a, b, precision) = fast(a, b, precision)`` whose VJP for the cotangent ``g`` is
+    ``rule(precision, a, b, g)`` (a pair of cotangents for ``a`` and ``b``)."""
+    op = jax.custom_vjp(fast, nondiff_argnums=(2,))
+    op.defvjp(lambda a, b, precision: (fast(a, b, precision), (a, b)),
+              lambda precision, res, g: rule(precision, *res, g))
+    return op
 
 
-def _conv_hybrid_fwd(x, kernel, precision):
-    return _conv_fast(x, kernel, precision), (x, kernel)
-
-
-def _conv_hybrid_bwd(precision, res, g):
-    x, kernel = res
+def _conv_vjp(precision, x, kernel, g):  # d conv / dx . g,  d conv / dk . g
     return _conv_hybrid(g, _flip(kernel), precision), _kgrad_hybrid(x, g, precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _kgrad_hybrid(x, g, precision):
-    return _kgrad_fast(x, g, precision)
-
-
-def _kgrad_hybrid_fwd(x, g, precision):
-    return _kgrad_fast(x, g, precision), (x, g)
-
-
-def _kgrad_hybrid_bwd(precision, res, gk):
-    x, g = res
+def _kgrad_vjp(precision, x, g, gk):  # d kgrad / dx . gk,  d kgrad / dg . gk
     return _conv_hybrid(g, _flip(gk), precision), _conv_hybrid(x, gk, precision)
 
 
-_conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
-_kgrad_hybrid.defvjp(_kgrad_hybrid_fwd, _kgrad_hybrid_bwd)
+_conv_hybrid = _custom_vjp_op(_conv_fast, _conv_vjp)
+_kgrad_hybrid = _custom_vjp_op(_kgrad_fast, _kgrad_vjp)
 
 
 _FNS = {"xla": _conv_xla, "shifted_matmul": _conv_shifted_matmul, "patches": _conv_patches,
