@@ -191,6 +191,25 @@ def test_hybrid_bfloat16_meta_gradient(shape):
                               msg=f"bfloat16 meta-gradient d/d{name}")
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=["2x2", "4x5x16"])
+def test_hybrid_batched_vjp_matches(shape):
+    """Per-task gradients as ``methods.base`` takes them (``jax.vmap`` over one ``jax.vjp``'s
+    cotangents) batch 'hybrid''s custom rules and agree with XLA's convolution."""
+    x, k, b, c = _data(shape)
+
+    def per_task(impl):
+        def losses(k):
+            y = jnp.tanh(conv3x3(x, k, b, impl=impl))
+            return jnp.stack([jnp.sum(y * c), jnp.sum(jnp.sin(y))])
+        _, vjp = jax.vjp(losses, k)
+        return jax.jit(jax.vmap(lambda v: vjp(v)[0]))(jnp.eye(2))
+
+    got, want = per_task("hybrid"), per_task("xla")
+    assert got.shape == (2, *k.shape)
+    for t in range(2):
+        assert_close_normwise(got[t], want[t], msg=f"task {t}")
+
+
 def test_hybrid_forward_mode():
     """jax.jvp through 'hybrid' fails with JAX's own message; 'auto' traced inside
     conv.forward_mode() picks a form jvp can differentiate, with the same derivative."""
