@@ -28,10 +28,11 @@ import numpy as np
 from benchmarks import steps as S
 from maxl_jax import conv as conv_lib
 
+TORCH = "PyTorch (lean port)"
+
 
 def _jax_fns(model: str, step: str, impls: list[str], batch):
-    state, fns, compiled = None, {}, {}
-    args = None
+    state, args, fns, compiled = None, None, {}, {}
     for impl in impls:
         m = S.build_maxl(model, impl, "reverse")
         if state is None:  # the parameters depend on neither the conv nor the dtype
@@ -51,14 +52,9 @@ def _torch_fn(step: str, state, batch_np, threads: int):
     from benchmarks import torch_reference as tr
 
     torch.set_num_threads(threads)
-    fp, fs = tr.flax_to_torch(jax.device_get(state.multitask_params),
-                              jax.device_get(state.multitask_batch_stats))
-    gp, gs = tr.flax_to_torch(jax.device_get(state.method_state["params"]),
-                              jax.device_get(state.method_state["batch_stats"]))
-    x = tr.images_from_nhwc(batch_np["image"])
-    y = torch.tensor(batch_np["primary"], dtype=torch.int64)
+    inputs = S.torch_inputs(state, batch_np)
     step_fn = tr.theta1_step if step == "theta1" else tr.theta2_step
-    fn = lambda: step_fn(fp, fs, gp, gs, x, y, S.PSI)  # noqa: E731
+    fn = lambda: step_fn(*inputs, S.PSI)  # noqa: E731
     fn()  # warm-up
     return fn
 
@@ -87,8 +83,8 @@ def main(argv=None):
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="also print a per-op profile of one call of each step")
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds < 1 or args.batch < 1:
+        ap.error(f"--rounds and --batch must be >= 1, got {args.rounds} and {args.batch}")
     impls = args.impls.split(",")
     for impl in impls:
         if impl not in conv_lib.IMPLS:
@@ -109,7 +105,7 @@ def main(argv=None):
     state, jargs, fns, compiled = _jax_fns(args.model, args.step, impls, jax.device_put(batch_np))
     if args.torch:
         print("  PyTorch warm-up ...", file=sys.stderr, flush=True)
-        fns["PyTorch (lean port)"] = _torch_fn(args.step, state, batch_np, args.torch_threads)
+        fns[TORCH] = _torch_fn(args.step, state, batch_np, args.torch_threads)
 
     times = {k: [] for k in fns}
     for r in range(args.rounds):
@@ -119,7 +115,7 @@ def main(argv=None):
             fn()
             times[name].append(time.perf_counter() - t)
 
-    ref = np.asarray(times.get("PyTorch (lean port)", []))
+    ref = np.asarray(times.get(TORCH, []))
     print("| configuration | median ms | min ms | PyTorch/this, median over rounds | runs (ms) |")
     print("| --- | --- | --- | --- | --- |")
     for name, ts in times.items():
@@ -136,7 +132,7 @@ def main(argv=None):
             for kind, ms, n in rows[:15]:
                 print(f"| {kind} | {ms:.1f} | {n} |")
         if args.torch:
-            total, rows = _torch_profile(fns["PyTorch (lean port)"])
+            total, rows = _torch_profile(fns[TORCH])
             print(f"\nPyTorch: one call, {total:.0f} ms of self CPU time in all\n\n"
                   "| aten op | self ms | count |\n| --- | --- | --- |")
             for key, ms, n in rows:

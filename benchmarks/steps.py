@@ -337,6 +337,22 @@ def jax_rows(model: str, args, batch_np: dict) -> tuple[list, object]:
 
 
 # --------------------------------------------------------------------------------------- torch
+def torch_inputs(state, batch_np: dict, device: str = "cpu") -> tuple:
+    """The arguments of ``torch_reference``'s steps for this MAXL state and batch, before ``PSI``:
+    ``(multitask params, multitask stats, generator params, generator stats, images, labels)``."""
+    import torch
+
+    from benchmarks import torch_reference as tr
+
+    fp, fs = tr.flax_to_torch(jax.device_get(state.multitask_params),
+                              jax.device_get(state.multitask_batch_stats), device=device)
+    gp, gs = tr.flax_to_torch(jax.device_get(state.method_state["params"]),
+                              jax.device_get(state.method_state["batch_stats"]), device=device)
+    x = tr.images_from_nhwc(batch_np["image"], device=device)
+    y = torch.tensor(batch_np["primary"], dtype=torch.int64, device=device)
+    return fp, fs, gp, gs, x, y
+
+
 def torch_rows(model: str, args, state, batch_np: dict, threads: int) -> list:
     import torch
 
@@ -344,12 +360,7 @@ def torch_rows(model: str, args, state, batch_np: dict, threads: int) -> list:
 
     torch.set_num_threads(threads)
     dev = "cuda" if (jax.default_backend() == "gpu" and torch.cuda.is_available()) else "cpu"
-    fp, fs = tr.flax_to_torch(jax.device_get(state.multitask_params),
-                              jax.device_get(state.multitask_batch_stats), device=dev)
-    gp, gs = tr.flax_to_torch(jax.device_get(state.method_state["params"]),
-                              jax.device_get(state.method_state["batch_stats"]), device=dev)
-    x = tr.images_from_nhwc(batch_np["image"], device=dev)
-    y = torch.tensor(batch_np["primary"], dtype=torch.int64, device=dev)
+    fp, fs, gp, gs, x, y = torch_inputs(state, batch_np, dev)
 
     def sync():
         if dev == "cuda":
