@@ -35,7 +35,7 @@ pytestmark = pytest.mark.xdist_group("test_reliability")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from run_outputs import final_state as flat_state, records  # noqa: E402
+from run_outputs import final_state, records  # noqa: E402
 
 SUMMARY_TIMINGS = ("train_time_s", "train_images_per_sec")
 
@@ -66,7 +66,7 @@ def summary(workdir) -> dict:
 
 
 def assert_same_run(a, b):
-    sa, sb = flat_state(a), flat_state(b)
+    sa, sb = final_state(a), final_state(b)
     assert sa.keys() == sb.keys()
     for key in sa:
         np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
@@ -203,7 +203,7 @@ def test_resuming_from_the_intact_checkpoint_ends_as_an_uninterrupted_run(two_ep
     damage(workdir, "bit")
     run_in_process(tiny_config(epochs=3, resume_from_intact=True), workdir)
     assert (workdir / "damaged_checkpoints").is_dir()  # step 12, set aside intact
-    a, b = flat_state(whole), flat_state(workdir)
+    a, b = final_state(whole), final_state(workdir)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert records(whole) == records(workdir)
