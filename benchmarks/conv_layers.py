@@ -146,6 +146,11 @@ def main(argv=None):
                 tot += cnt * t
             totals[(impl, mode)] = tot
     for impl in impls + ["auto", "best per layer"]:
+        if impl == "auto" and any(np.isnan(totals[(impl, mode)]) for mode in modes):
+            picks = sorted({select_impl((n, s, s, cin), (3, 3, cin, cout))
+                            for s, cin, cout in layers} - set(impls))
+            print(f"| auto | not timed: it also picks {', '.join(picks)} (add to --impls) |")
+            continue
         row = f"| {impl} |"
         for mode in modes:
             t = totals[(impl, mode)]
