@@ -273,3 +273,27 @@ def test_auto_rule():
         with forward_mode():
             assert "custom_vjp_call" not in jaxpr(x, k) and "conv_general_dilated" not in jaxpr(x, k)
         assert "conv_general_dilated" in jaxpr(x, k, impl="xla")
+
+
+def test_forward_over_reverse_meta_gradient_through_auto_convolutions():
+    """``meta.meta_gradient(form="forward_over_reverse")`` takes ``jax.jvp`` through the networks;
+    with ``impl="auto"`` at 128 input channels (``"hybrid"`` on the CPU) it must still run and give
+    the reverse form's meta-gradient (it traces under ``conv.forward_mode()``)."""
+    import optax
+
+    from maxl_jax import meta
+
+    x, k, b, c = _data((1, 4, 4, HYBRID_MIN_CHANNELS, 3))
+
+    def inner(k, w):  # the hyperparameter w weighs the per-channel losses
+        y = jnp.tanh(conv3x3(x, k, b))
+        return jnp.sum(w * jnp.sum(y * c, axis=(0, 1, 2))), None
+
+    def outer(k, w):
+        return jnp.sum(jnp.sin(conv3x3(x, k, b))), None
+
+    w = jnp.array([1.0, 0.5, 2.0])
+    got, want = (jax.jit(lambda k, w, form=form: meta.meta_gradient(
+        inner, outer, k, w, optax.sgd(0.1), form=form).grad_hyper)(k, w)
+        for form in ("forward_over_reverse", "reverse"))
+    assert_close_normwise(got, want, rel=1e-4)
