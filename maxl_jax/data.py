@@ -4,7 +4,7 @@ Host side (numpy):
 
 * :func:`load_dataset` reads a whole data set into memory as uint8 images plus int32 labels.
   Data come from a TFDS ``array_record`` build through ``tfds.data_source`` (readable without
-  TensorFlow) or, for Fashion-MNIST, directly from the four original IDX ``.gz`` archives.
+  TensorFlow) or, for Fashion-MNIST and EMNIST-letters, directly from four IDX ``.gz`` archives.
 * The primary task and the human auxiliary task form a hierarchy ``psi``: ``psi[i]`` auxiliary classes
   belong to primary class ``i`` and occupy the auxiliary indices ``[sum(psi[:i]), sum(psi[:i+1]))``.
 
@@ -31,6 +31,8 @@ __all__ = [
     "SHARED_DATA_ENV",
     "DATASETS",
     "FASHION_MNIST_FILES",
+    "EMNIST_LETTERS_FILES",
+    "EMNIST_LETTERS_NAMES",
     "CIFAR100_FINE_TO_COARSE",
     "CIFAR100_COARSE20_TO_10",
     "CIFAR10_TO_3",
@@ -49,6 +51,7 @@ __all__ = [
     "hierarchy_from_fine_to_primary",
     "read_idx_gz",
     "load_fashion_mnist_idx",
+    "load_emnist_letters_idx",
     "stratified_subset",
     "load_dataset",
     "MEAN",
@@ -61,12 +64,27 @@ __all__ = [
 SHARED_DATA_ENV = "MAXL_SHARED_DATA"
 
 #: Names accepted by :func:`load_dataset`.
-DATASETS = ("cifar100", "cifar10", "fashion_mnist", "fashion_mnist_coarse")
+DATASETS = ("cifar100", "cifar10", "fashion_mnist", "fashion_mnist_coarse", "emnist_letters")
 
 #: The four original Fashion-MNIST archives: split -> (images file, labels file).
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+#: EMNIST-letters (Cohen et al. 2017, arXiv:1702.05373) as IDX archives, in either of two layouts:
+#: ``"upright"``, the Fashion-MNIST file names with labels 0..25 and images as a person reads them;
+#: or ``"official"``, the names of the official ``gzip.zip`` release, labels 1..26 and every image
+#: transposed (as NIST's column-major export left them). Both are read as upright images, labels
+#: 0..25 (A..Z, each class holding both cases of its letter).
+EMNIST_LETTERS_FILES = {
+    "upright": FASHION_MNIST_FILES,
+    "official": {
+        "train": ("emnist-letters-train-images-idx3-ubyte.gz",
+                  "emnist-letters-train-labels-idx1-ubyte.gz"),
+        "test": ("emnist-letters-test-images-idx3-ubyte.gz",
+                 "emnist-letters-test-labels-idx1-ubyte.gz"),
+    },
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,6 +149,8 @@ FASHION_MNIST_COARSE_NAMES: tuple[str, ...] = ("tops", "trouser", "dress", "foot
 FASHION_MNIST_FINE_TO_COARSE: tuple[int, ...] = tuple(
     next(g for g, members in enumerate(FASHION_MNIST_COARSE_GROUPS) if f in members) for f in range(10)
 )
+
+EMNIST_LETTERS_NAMES: tuple[str, ...] = tuple(chr(ord("A") + i) for i in range(26))
 
 _CIFAR100_LEVELS = (20, 10, 3)
 
@@ -300,15 +320,17 @@ def read_idx_gz(path: str | os.PathLike, *, expected_ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _find_idx_dir(data_dir: str | os.PathLike | None) -> pathlib.Path | None:
-    """The folder holding all four Fashion-MNIST archives (``data_dir`` or ``data_dir/downloads/manual``).
+def _find_idx_dir(data_dir: str | os.PathLike | None, files: dict = FASHION_MNIST_FILES,
+                  what: str = "Fashion-MNIST") -> pathlib.Path | None:
+    """The folder holding all four IDX archives ``files`` (``data_dir`` or
+    ``data_dir/downloads/manual``).
 
     Returns ``None`` if neither holds any of them; raises :class:`DatasetNotFoundError` if one holds
     only some of them.
     """
     if data_dir is None:
         return None
-    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+    names = [n for pair in files.values() for n in pair]
     for folder in (pathlib.Path(data_dir), pathlib.Path(data_dir) / "downloads" / "manual"):
         present = [n for n in names if (folder / n).is_file()]
         if len(present) == len(names):
@@ -316,10 +338,23 @@ def _find_idx_dir(data_dir: str | os.PathLike | None) -> pathlib.Path | None:
         if present:
             missing = sorted(set(names) - set(present))
             raise DatasetNotFoundError(
-                f"Fashion-MNIST IDX archives incomplete in {folder}: found {present}, missing {missing}. "
+                f"{what} IDX archives incomplete in {folder}: found {present}, missing {missing}. "
                 f"Put all four files {names} there."
             )
     return None
+
+
+def _read_idx_pair(folder: pathlib.Path, img_name: str, lbl_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's 28x28 images and labels from two IDX archives, checked against each other."""
+    images = read_idx_gz(folder / img_name, expected_ndim=3)
+    labels = read_idx_gz(folder / lbl_name, expected_ndim=1)
+    if images.shape[1:] != (28, 28):
+        raise DatasetCorruptError(f"{folder / img_name}: expected 28x28 images, header says {images.shape[1:]}")
+    if labels.shape[0] != images.shape[0]:
+        raise DatasetCorruptError(
+            f"{folder / lbl_name}: {labels.shape[0]} labels for {images.shape[0]} images in {img_name}"
+        )
+    return images, labels
 
 
 def load_fashion_mnist_idx(folder: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -332,18 +367,66 @@ def load_fashion_mnist_idx(folder: str | os.PathLike) -> dict[str, tuple[np.ndar
     folder = pathlib.Path(folder)
     out = {}
     for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
-        images = read_idx_gz(folder / img_name, expected_ndim=3)
-        labels = read_idx_gz(folder / lbl_name, expected_ndim=1)
-        if images.shape[1:] != (28, 28):
-            raise DatasetCorruptError(f"{folder / img_name}: expected 28x28 images, header says {images.shape[1:]}")
-        if labels.shape[0] != images.shape[0]:
-            raise DatasetCorruptError(
-                f"{folder / lbl_name}: {labels.shape[0]} labels for {images.shape[0]} images in {img_name}"
-            )
+        images, labels = _read_idx_pair(folder, img_name, lbl_name)
         if labels.size and labels.max() >= 10:
             raise DatasetCorruptError(f"{folder / lbl_name}: label {int(labels.max())} outside [0, 10)")
         out[split] = (images[..., None].copy(), labels.astype(np.int32))
     return out
+
+
+def _emnist_layout(data_dir) -> tuple[str, pathlib.Path] | None:
+    """``(layout, folder)`` of the EMNIST-letters archives under ``data_dir``, official names first."""
+    for layout in ("official", "upright"):
+        folder = _find_idx_dir(data_dir, EMNIST_LETTERS_FILES[layout], "EMNIST-letters")
+        if folder is not None:
+            return layout, folder
+    return None
+
+
+def load_emnist_letters_idx(folder: str | os.PathLike, layout: str = "upright"
+                            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Parses the four EMNIST-letters IDX archives in ``folder`` (file names and conventions of
+    ``layout``, see :data:`EMNIST_LETTERS_FILES`).
+
+    Returns:
+      ``{"train": (images, labels), "test": (images, labels)}``: images uint8 ``(N, 28, 28, 1)``,
+      upright (the official files' transposition undone), labels int32 ``(N,)`` in ``[0, 26)``.
+
+    Raises:
+      DatasetCorruptError: as :func:`read_idx_gz`, or labels outside the layout's range (``0..25``
+      upright, ``1..26`` official: the message says which layout the file names imply).
+    """
+    if layout not in EMNIST_LETTERS_FILES:
+        raise ValueError(f"layout={layout!r}; valid choices: {list(EMNIST_LETTERS_FILES)}")
+    folder = pathlib.Path(folder)
+    offset = 1 if layout == "official" else 0
+    out = {}
+    for split, (img_name, lbl_name) in EMNIST_LETTERS_FILES[layout].items():
+        images, labels = _read_idx_pair(folder, img_name, lbl_name)
+        labels = labels.astype(np.int32) - offset
+        if labels.size and (labels.min() < 0 or labels.max() >= 26):
+            raise DatasetCorruptError(
+                f"{folder / lbl_name}: labels {int(labels.min()) + offset}..{int(labels.max()) + offset} "
+                f"outside {offset}..{25 + offset}, the range of the {layout} layout (file names "
+                f"{EMNIST_LETTERS_FILES[layout]['train'][0]}, ...): labels 0..25 belong under the "
+                f"names {FASHION_MNIST_FILES['train'][0]}, ..., the official 1..26 under "
+                f"{EMNIST_LETTERS_FILES['official']['train'][0]}, ...")
+        if layout == "official":
+            images = images.transpose(0, 2, 1)
+        out[split] = (np.ascontiguousarray(images[..., None]), labels)
+    return out
+
+
+def _emnist_not_found(data_dir) -> str:
+    up, off = EMNIST_LETTERS_FILES["upright"], EMNIST_LETTERS_FILES["official"]
+    where = f"in {data_dir} (nor under its downloads/manual/)" if data_dir else "(no --config.data_dir given)"
+    return (f"Dataset 'emnist_letters' not found {where}. It is read from four IDX archives, never "
+            f"downloaded (the official release is one 536 MiB gzip.zip of every EMNIST split): get "
+            f"gzip.zip from NIST's EMNIST page (https://www.nist.gov/itl/products-and-services/emnist-"
+            f"dataset), unzip the four files {', '.join(n for p in off.values() for n in p)} into a "
+            f"folder and pass it as --config.data_dir (they are read as they are: labels 1..26, "
+            f"images transposed back upright). An upright copy named "
+            f"{', '.join(n for p in up.values() for n in p)} with labels 0..25 is read too.")
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -519,10 +602,11 @@ def read_cifar_binary(archive: str | os.PathLike, name: str) -> dict[str, dict[s
 # ---------------------------------------------------------------------------------------------------
 
 
-def _validate(name, primary_level, train_fraction, seed) -> int:
+def _validate(name, primary_level, train_fraction, seed, eval_split="test", validation_size=0) -> int:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {list(DATASETS)}")
-    levels = {"cifar100": _CIFAR100_LEVELS, "cifar10": (10,), "fashion_mnist": (10,), "fashion_mnist_coarse": (5,)}[name]
+    levels = {"cifar100": _CIFAR100_LEVELS, "cifar10": (10,), "fashion_mnist": (10,), "fashion_mnist_coarse": (5,),
+              "emnist_letters": (26,)}[name]
     if primary_level is None:
         primary_level = levels[0]
     if isinstance(primary_level, bool) or not isinstance(primary_level, (int, np.integer)) or primary_level not in levels:
@@ -535,6 +619,16 @@ def _validate(name, primary_level, train_fraction, seed) -> int:
         raise ValueError(f"train_fraction={train_fraction!r} must be a number in (0, 1]")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed={seed!r} must be an int")
+    if eval_split not in ("test", "validation"):
+        raise ValueError(f"eval_split={eval_split!r}; valid choices: 'test', 'validation'")
+    if eval_split == "validation":
+        if float(train_fraction) >= 1.0:
+            raise ValueError("eval_split='validation' draws the validation images from the training "
+                             "images that train_fraction leaves unused, and train_fraction=1 leaves "
+                             "none: lower train_fraction (e.g. 0.05) or evaluate on the test split")
+        if (isinstance(validation_size, bool) or not isinstance(validation_size, (int, np.integer))
+                or validation_size < 1):
+            raise ValueError(f"validation_size={validation_size!r} must be a positive int")
     return int(primary_level)
 
 
@@ -546,6 +640,8 @@ def load_dataset(
     train_fraction: float = 1.0,
     seed: int = 0,
     download: bool = False,
+    eval_split: str = "test",
+    validation_size: int = 5000,
 ) -> Dataset:
     """Loads a data set into host memory.
 
@@ -554,16 +650,25 @@ def load_dataset(
         ``cifar100`` (primary: 20 superclasses, or 10 / 3 classes with ``primary_level``; human
         auxiliary task: the 100 fine classes), ``cifar10`` (10 classes, no human auxiliary task),
         ``fashion_mnist`` (10 classes, none), ``fashion_mnist_coarse`` (primary: 5 groups
-        :data:`FASHION_MNIST_COARSE_GROUPS`; human auxiliary task: the 10 fine classes).
+        :data:`FASHION_MNIST_COARSE_GROUPS`; human auxiliary task: the 10 fine classes),
+        ``emnist_letters`` (26 letters, each of both cases; none; read only from IDX archives, see
+        :data:`EMNIST_LETTERS_FILES`, never downloaded).
       data_dir: TFDS data dir (default: TFDS's own, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
         For Fashion-MNIST it may instead be a folder holding the four IDX archives
-        (:data:`FASHION_MNIST_FILES`), directly or under ``downloads/manual/``.
+        (:data:`FASHION_MNIST_FILES`), directly or under ``downloads/manual/``; for EMNIST-letters it
+        must be such a folder.
       primary_level: ``cifar100`` only: 20 (default), 10 or 3. Others: ``None`` or their class count.
       train_fraction: in ``(0, 1]``: keep a stratified (per primary class), ``seed``-deterministic
         subset of the training split. The test split is always complete.
       seed: seed of the subset choice.
       download: fetch the official archive(s) when no TFDS build and no archive is found, into
         ``<data_dir or TFDS's>/downloads`` (resumable, checksum-verified; read without TensorFlow).
+      eval_split: ``"test"``: the returned ``test`` split is the data set's test split.
+        ``"validation"``: it is instead ``validation_size`` training images (stratified by primary
+        class, drawn with ``seed``) from those the ``train_fraction`` subset leaves out, so that
+        choices such as a training budget are made without looking at the test split. The training
+        subset is the same as with ``"test"``. Needs ``train_fraction < 1``.
+      validation_size: images in the validation split (at most the unused training images).
 
     Returns:
       A :class:`Dataset`; images uint8 ``(N, H, W, C)``, labels int32 ``(N,)``.
@@ -574,7 +679,7 @@ def load_dataset(
         command that prepares it).
       DatasetCorruptError: an IDX archive is truncated or malformed.
     """
-    level = _validate(name, primary_level, train_fraction, seed)
+    level = _validate(name, primary_level, train_fraction, seed, eval_split, validation_size)
 
     from maxl_jax import download as dl
 
@@ -589,6 +694,12 @@ def load_dataset(
                 idx_dir = paths[0].parent
             raw = {s: {"image": im, "label": lb}
                    for s, (im, lb) in load_fashion_mnist_idx(idx_dir).items()}
+    elif name == "emnist_letters":
+        found = _emnist_layout(data_dir)
+        if found is None:
+            raise DatasetNotFoundError(_emnist_not_found(data_dir))
+        raw = {s: {"image": im, "label": lb}
+               for s, (im, lb) in load_emnist_letters_idx(found[1], found[0]).items()}
     else:
         raw = _try_tfds(name, ("image", "label"), data_dir)
         if raw is None:
@@ -601,6 +712,9 @@ def load_dataset(
     elif name == "fashion_mnist_coarse":
         fine_to_primary = np.asarray(FASHION_MNIST_FINE_TO_COARSE)
         num_primary, names = len(FASHION_MNIST_COARSE_GROUPS), FASHION_MNIST_COARSE_NAMES
+    elif name == "emnist_letters":
+        fine_to_primary = None
+        num_primary, names = 26, EMNIST_LETTERS_NAMES
     else:
         fine_to_primary = None
         num_primary, names = 10, (CIFAR10_NAMES if name == "cifar10" else FASHION_MNIST_NAMES)
@@ -611,6 +725,8 @@ def load_dataset(
         fine_to_aux, psi = None, None
 
     splits = {}
+    if eval_split == "validation":
+        raw = {"train": raw["train"], "test": raw["train"]}  # cut from the unused part below
     for split in ("train", "test"):
         images = np.ascontiguousarray(raw[split]["image"], dtype=np.uint8)
         fine = raw[split]["label"].astype(np.int64)
@@ -624,8 +740,12 @@ def load_dataset(
             human_aux = fine_to_aux[fine].astype(np.int32)
         else:
             primary, human_aux = fine.astype(np.int32), None
-        if split == "train" and train_fraction < 1.0:
+        if train_fraction < 1.0 and (split == "train" or eval_split == "validation"):
             keep = stratified_subset(primary, float(train_fraction), int(seed))
+            if split == "test":  # validation: drawn from the training images the subset leaves out
+                unused = np.setdiff1d(np.arange(len(primary)), keep)
+                take = min(1.0, validation_size / max(1, unused.size))
+                keep = unused[stratified_subset(primary[unused], take, int(seed) + 104729)]
             images, primary = images[keep], primary[keep]
             human_aux = None if human_aux is None else human_aux[keep]
         splits[split] = Split(images=images, primary=primary, human_aux=human_aux)

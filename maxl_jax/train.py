@@ -516,7 +516,9 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         return data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
                                      primary_level=config.get("primary_level") or None,
                                      train_fraction=config.train_fraction, seed=config.seed,
-                                     download=config.get("download", False))
+                                     download=config.get("download", False),
+                                     eval_split=config.get("eval_split", "test"),
+                                     validation_size=config.get("validation_size", 5000))
 
     if distributed.multi_process() and config.get("download", False):
         # Process 0 downloads first, so that a data_dir the hosts share is fetched once (and no two

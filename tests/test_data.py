@@ -424,3 +424,122 @@ def test_shared_data_dir_follows_env(monkeypatch, tmp_path):
     assert D.shared_data_dir() == tmp_path
     monkeypatch.setenv(D.SHARED_DATA_ENV, str(tmp_path / "absent"))
     assert D.shared_data_dir() is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# EMNIST-letters and the validation split
+# ---------------------------------------------------------------------------------------------------
+
+
+def _write_emnist(folder: pathlib.Path, layout: str, images: dict, labels: dict) -> None:
+    """Writes upright ``images`` / 0-based ``labels`` per split in ``layout``'s names and conventions
+    (official: images transposed, labels 1..26)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (img_name, lbl_name) in D.EMNIST_LETTERS_FILES[layout].items():
+        im, lb = images[split], labels[split]
+        if layout == "official":
+            im, lb = im.transpose(0, 2, 1), lb + 1
+        _write_idx_gz(folder / img_name, im)
+        _write_idx_gz(folder / lbl_name, lb.astype(np.uint8))
+
+
+def _letters(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            np.arange(n, dtype=np.int64) % 26)
+
+
+def test_emnist_official_and_upright_layouts_read_the_same(tmp_path):
+    """The official files (labels 1..26, images transposed) and an upright copy (labels 0..25) give
+    the same upright images and 0-based labels; 26 classes named A..Z, no human auxiliary task."""
+    (tr, trl), (te, tel) = _letters(52, 0), _letters(26, 1)
+    images, labels = {"train": tr, "test": te}, {"train": trl, "test": tel}
+    _write_emnist(tmp_path / "up", "upright", images, labels)
+    _write_emnist(tmp_path / "off", "official", images, labels)
+    up = D.load_dataset("emnist_letters", data_dir=str(tmp_path / "up"))
+    off = D.load_dataset("emnist_letters", data_dir=str(tmp_path / "off"))
+    for ds in (up, off):
+        assert ds.num_primary == 26 and ds.psi_human is None and ds.primary_names[25] == "Z"
+        np.testing.assert_array_equal(ds.train.images[..., 0], tr)
+        np.testing.assert_array_equal(ds.train.primary, trl)
+        np.testing.assert_array_equal(ds.test.images[..., 0], te)
+        assert ds.image_shape == (28, 28, 1) and ds.train.primary.dtype == np.int32
+
+
+def test_emnist_labels_outside_the_layout_are_refused(tmp_path):
+    """Official-format labels (1..26) under the upright names are refused, naming the file and the
+    names the labels belong under."""
+    (tr, trl), (te, tel) = _letters(26, 0), _letters(26, 1)
+    _write_emnist(tmp_path, "upright", {"train": tr, "test": te}, {"train": trl + 1, "test": tel})
+    with pytest.raises(D.DatasetCorruptError, match=r"train-labels-idx1-ubyte.gz: labels 1..26 "
+                       r"outside 0..25.*emnist-letters-train-images-idx3-ubyte.gz"):
+        D.load_dataset("emnist_letters", data_dir=str(tmp_path))
+
+
+def test_emnist_missing_raises_clear_error(tmp_path):
+    """No EMNIST archives: DatasetNotFoundError naming the folder, the four official files and
+    --config.data_dir (the data set is never downloaded)."""
+    with pytest.raises(D.DatasetNotFoundError) as info:
+        D.load_dataset("emnist_letters", data_dir=str(tmp_path), download=True)
+    msg = str(info.value)
+    assert str(tmp_path) in msg and "--config.data_dir" in msg and "never downloaded" in msg
+    for pair in D.EMNIST_LETTERS_FILES["official"].values():
+        assert all(name in msg for name in pair)
+
+
+@pytest.fixture(scope="module")
+def emnist_full():
+    return D.load_dataset("emnist_letters", data_dir=str(_shared_subdir("emnist_letters")))
+
+
+def test_real_emnist_letters(emnist_full):
+    """The real files: 124,800 / 20,800 28x28x1 images, 4,800 / 800 per letter, the official order
+    (train interleaved, starting W G P O W Q; test sorted by class)."""
+    ds = emnist_full
+    assert ds.train.images.shape == (124_800, 28, 28, 1) and ds.test.images.shape == (20_800, 28, 28, 1)
+    assert np.array_equal(np.bincount(ds.train.primary), [4800] * 26)
+    assert np.array_equal(np.bincount(ds.test.primary), [800] * 26)
+    assert "".join(ds.primary_names[c] for c in ds.train.primary[:6]) == "WGPOWQ"
+    assert np.all(np.diff(ds.test.primary) >= 0)
+
+
+def test_real_emnist_letters_are_upright(emnist_full):
+    """Orientation, from the letters' shapes in the class means: I is a vertical stroke (its ink
+    concentrated in few columns, not in few rows), L has more ink at the bottom and on the left,
+    T more at the top. A transposed or flipped reading fails at least one of these."""
+    x, y = emnist_full.train.images[..., 0].astype(np.float64), emnist_full.train.primary
+
+    def mean_of(letter):
+        return x[y == ord(letter) - ord("A")].mean(0)
+
+    def concentration(profile):
+        return float(((profile / profile.sum()) ** 2).sum())
+
+    i = mean_of("I")
+    assert concentration(i.sum(0)) > 1.5 * concentration(i.sum(1))
+    ell = mean_of("L")
+    assert ell[14:].sum() > 1.2 * ell[:14].sum() and ell[:, :14].sum() > 1.1 * ell[:, 14:].sum()
+    t = mean_of("T")
+    assert t[:14].sum() > 1.3 * t[14:].sum()
+
+
+def test_validation_split_is_drawn_from_the_unused_training_images(tmp_path):
+    """eval_split='validation': the training subset is the one eval_split='test' gives; the
+    validation images are training images outside it, stratified; train_fraction=1 is refused."""
+    labels = np.repeat(np.arange(10), 100)
+    _write_fmnist_idx(tmp_path, labels, np.arange(10))
+    index = np.zeros((1000, 28, 28), np.uint8)  # each training image's first two pixels: its index
+    index[:, 0, 0], index[:, 0, 1] = np.arange(1000) // 256, np.arange(1000) % 256
+    _write_idx_gz(tmp_path / D.FASHION_MNIST_FILES["train"][0], index)
+    kw = dict(data_dir=str(tmp_path), train_fraction=0.1, seed=3)
+    test = D.load_dataset("fashion_mnist", **kw)
+    val = D.load_dataset("fashion_mnist", eval_split="validation", validation_size=200, **kw)
+    np.testing.assert_array_equal(test.train.images, val.train.images)
+
+    def ids(split):
+        return set(256 * split.images[:, 0, 0, 0].astype(int) + split.images[:, 0, 1, 0])
+
+    assert len(ids(val.test)) == 200 and not ids(test.train) & ids(val.test)
+    assert np.array_equal(np.bincount(val.test.primary, minlength=10), [20] * 10)
+    with pytest.raises(ValueError, match="train_fraction=1 leaves none"):
+        D.load_dataset("fashion_mnist", data_dir=str(tmp_path), eval_split="validation")

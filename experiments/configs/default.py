@@ -11,11 +11,15 @@ from maxl_jax import methods
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Data.
-    c.dataset = "cifar100"          # cifar100 | cifar10 | fashion_mnist | fashion_mnist_coarse
+    c.dataset = "cifar100"          # cifar100 | cifar10 | fashion_mnist | fashion_mnist_coarse |
+                                    # emnist_letters
     c.data_dir = ""                 # TFDS data_dir, or a folder with the data set's official archives
     c.download = True               # fetch the official archive if absent (no TensorFlow needed)
     c.primary_level = 20            # cifar100 only: 20, 10 or 3 primary classes
     c.train_fraction = 1.0          # stratified fraction of the training set (low-data protocol)
+    c.eval_split = "test"           # test | validation: evaluate on validation_size training images
+    c.validation_size = 5000        # that train_fraction leaves unused (to choose budgets without
+                                    # the test set)
     c.augment = True                # random crop (padding 4) + horizontal flip, as the reference
     # Method and hierarchy.
     c.method = "maxl"               # any of maxl_jax.methods.names(); see the README's method table
