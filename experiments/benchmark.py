@@ -1,0 +1,594 @@
+"""The method benchmark: every ``--method`` on real data, at a measured convergence budget, seeds paired.
+
+    python -m experiments.benchmark run --protocol=emnist_letters_low --jobs=2     # the grid
+    python -m experiments.benchmark report                                       # tables, plots
+    python -m experiments.benchmark budget --protocol=fmnist10_low --epochs=150  # the budget curves
+    python -m experiments.benchmark list --protocol=fmnist10_low                 # cells and state
+
+``run`` trains every variant x seed of a protocol, each in its own process, ``--jobs`` at a time,
+with the machine's cores divided between them (each process pinned to its own cores, XLA told to use
+that many threads). Runs live in ``<workdir>/<protocol>/<variant>/seed<n>``: a finished one is
+skipped, an interrupted one resumes from its checkpoint (Ctrl-C stops the grid; the same command
+goes on). ``report`` rebuilds every table and plot from those run folders alone.
+
+``budget`` trains single-task and MAXL for ``--epochs`` with ``--config.eval_split=validation``
+(images of the unused training set, never the test set) and prints, for each candidate budget E, the
+mean validation accuracy over the last 10% of E's epochs against the curve's best: the protocol's
+epochs (:data:`PROTOCOLS`) are the smallest E within 0.3 points for both.
+
+Every run uses its method's documented defaults (``experiments/configs/default.py``, the method
+modules), the small CNN of ``experiments/configs/cpu.py`` and the protocol's data; nothing is tuned.
+Each seed draws its own training subset, initialisation and shuffles, shared by every variant of the
+seed, so differences from single-task are paired by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["PROTOCOLS", "Protocol", "Variant", "cell_config", "cells", "run_state", "run_grid",
+           "paired_difference", "T975", "budget_table", "collect", "leaderboard"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of a leaderboard: a method, its hierarchy and the auxiliary tasks it is given."""
+
+    method: str
+    psi: tuple[int, ...] = ()       # empty: the data set's (human) or aux_per_class
+    aux_tasks: str = ""             # for methods that learn from given labels
+    overrides: tuple = ()           # ((field, value), ...) beyond the method's defaults
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    dataset: str
+    data_subdir: str                # folder under the shared data dir
+    train_fraction: float
+    epochs: int                     # measured: see BUDGETS in docs/RESULTS.md and `budget`
+    variants: dict
+    budget_variants: tuple = ("single", "maxl_psi5")
+    seeds: tuple = (0, 1, 2)
+    more_seeds: tuple = ()          # variants run with seeds 0..4
+
+
+# Methods that learn from auxiliary labels the data supply (AuxTask "human" or "random").
+GIVEN_LABEL_METHODS = ("equal", "gcs", "olaux", "auxilearn", "maoal")
+
+
+def _given(aux_tasks: str, psi=()) -> dict:
+    return {"equal": Variant("equal", psi, aux_tasks),
+            "gcs": Variant("gcs", psi, aux_tasks),
+            "olaux": Variant("olaux", psi, aux_tasks),
+            "auxilearn_linear": Variant("auxilearn", psi, aux_tasks, (("auxilearn.combiner", "linear"),)),
+            "auxilearn_nonlinear": Variant("auxilearn", psi, aux_tasks,
+                                           (("auxilearn.combiner", "nonlinear"),)),
+            "maoal": Variant("maoal", psi, aux_tasks)}
+
+
+def _generators(psi, suffix: str) -> dict:
+    return {f"wamal{suffix}": Variant("wamal", psi),
+            f"auxilearn_generate{suffix}": Variant("auxilearn_generate", psi),
+            f"maoal_generate{suffix}": Variant("maoal_generate", psi),
+            f"dtg{suffix}": Variant("dtg", psi),
+            f"rlaux{suffix}": Variant("rlaux", psi)}
+
+
+_P2, _P5 = (2,) * 26, (5,) * 26
+PROTOCOLS: dict[str, Protocol] = {
+    # EMNIST-letters, 240 images per letter: does a generator find the hidden case sub-classes?
+    "emnist_letters_low": Protocol(
+        dataset="emnist_letters", data_subdir="emnist_letters", train_fraction=0.05, epochs=60,
+        variants={"single": Variant("single"),
+                  "random_psi2": Variant("random", _P2), "random_psi5": Variant("random", _P5),
+                  "maxl_psi2": Variant("maxl", _P2), "maxl_psi5": Variant("maxl", _P5),
+                  "maxl_fd_psi5": Variant("maxl", _P5, overrides=(("meta_form", "finite_difference"),),
+                                          note="finite-difference first order"),
+                  **_generators(_P5, "_psi5"),
+                  **{k: dataclasses.replace(v, psi=_P5) for k, v in _given("random").items()}}),
+    # Fashion-MNIST, 10 classes, 300 images per class.
+    "fmnist10_low": Protocol(
+        dataset="fashion_mnist", data_subdir="fashion_mnist", train_fraction=0.05, epochs=60,
+        variants={"single": Variant("single"), "random_psi5": Variant("random", (5,) * 10),
+                  "maxl_psi5": Variant("maxl", (5,) * 10), **_generators((5,) * 10, "_psi5"),
+                  **{k: dataclasses.replace(v, psi=(5,) * 10) for k, v in _given("random").items()}}),
+    # Fashion-MNIST, 5 coarse groups; the 10 classes are the human auxiliary task.
+    "fmnist_coarse_low": Protocol(
+        dataset="fashion_mnist_coarse", data_subdir="fashion_mnist", train_fraction=0.05, epochs=60,
+        variants={"single": Variant("single"), "random": Variant("random", (4, 1, 1, 3, 1)),
+                  "human": Variant("human"), "maxl_psi_human": Variant("maxl", (4, 1, 1, 3, 1)),
+                  **_generators((4, 1, 1, 3, 1), "_psi_human"),
+                  **_given("human,random", (4, 1, 1, 3, 1))},
+        budget_variants=("single", "maxl_psi_human")),
+}
+
+
+def shared_data_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("MAXL_SHARED_DATA") or
+                        pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def cell_config(protocol: str, variant: str, seed: int, *, data_dir: str | None = None,
+                epochs: int = 0, width: int = 16, eval_split: str = "test"):
+    """The config of one run: ``experiments/configs/cpu.py`` with the protocol's data and method."""
+    from experiments.configs import cpu
+
+    spec = PROTOCOLS[protocol]
+    v = spec.variants[variant]
+    c = cpu.get_config()
+    c.dataset, c.train_fraction = spec.dataset, spec.train_fraction
+    c.data_dir = data_dir or str(shared_data_root() / spec.data_subdir)
+    c.download = False
+    c.method, c.seed, c.width, c.psi, c.aux_tasks = v.method, int(seed), width, tuple(v.psi), v.aux_tasks
+    for field, value in v.overrides:
+        node = c
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.epochs = epochs or spec.epochs
+    c.last_k = max(1, c.epochs // 10)      # the headline: mean test accuracy of the last 10% epochs
+    c.eval_batch_size = 1040               # divides EMNIST's 20,800 and rounds FMNIST's 10,000 up
+    c.eval_split = eval_split
+    return c
+
+
+def cells(protocol: str, only=(), seeds=None) -> list[tuple[str, int]]:
+    """The protocol's (variant, seed) pairs: its seeds, and 0..4 for its ``more_seeds`` variants."""
+    spec = PROTOCOLS[protocol]
+    out = []
+    for variant in spec.variants:
+        if only and variant not in only:
+            continue
+        s = seeds if seeds is not None else (tuple(range(5)) if variant in spec.more_seeds
+                                             else spec.seeds)
+        out += [(variant, int(x)) for x in s]
+    return out
+
+
+def run_state(run_dir: pathlib.Path) -> str:
+    """``"done"`` (a complete summary.json), ``"partial"`` (a checkpoint or records to resume from)
+    or ``"new"``."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            if json.loads(summary.read_text()).get("complete"):
+                return "done"
+        except (OSError, json.JSONDecodeError):
+            pass
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return "partial"
+    return "new"
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def run_grid(jobs: list[tuple[list[str], pathlib.Path]], n_jobs: int, cores: int | None = None,
+             log=print, poll_s: float = 1.0) -> dict:
+    """Runs ``(argv, run_dir)`` jobs as subprocesses, ``n_jobs`` at a time, dividing ``cores``.
+
+    Jobs whose run_dir is done are skipped; the rest run (resuming what they find). Each process
+    is pinned to its share of the cores and its XLA told to use that many threads; its output goes
+    to ``run_dir/log.txt``. Returns ``{"done": [...], "failed": [(run_dir, rc)], "skipped": [...]}``.
+    On Ctrl-C / SIGTERM the running processes get SIGTERM (they save and stop) and it re-raises.
+    """
+    cores = cores or len(os.sched_getaffinity(0))
+    n_jobs = max(1, min(n_jobs, cores))
+    share = cores // n_jobs
+    all_cores = sorted(os.sched_getaffinity(0))[:cores]
+    slots = [all_cores[i * share:(i + 1) * share] for i in range(n_jobs)]
+    todo = [(argv, d) for argv, d in jobs if run_state(d) != "done"]
+    result = {"done": [], "failed": [], "skipped": [d for _, d in jobs if run_state(d) == "done"]}
+    log(f"{len(jobs)} runs: {len(result['skipped'])} finished already, {len(todo)} to run, "
+        f"{n_jobs} at a time on {share} core{'s' * (share > 1)} each")
+    running: dict[int, tuple] = {}   # slot -> (proc, run_dir, start, logfile)
+    durations = []
+    t0 = time.time()
+    try:
+        while todo or running:
+            free = [i for i in range(n_jobs) if i not in running]
+            while todo and free:
+                slot = free.pop(0)
+                argv, run_dir = todo.pop(0)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                env = dict(os.environ, PYTHONUNBUFFERED="1",
+                           XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                                      f"{'true' if share > 1 else 'false'} "
+                                      f"intra_op_parallelism_threads={share}").strip())
+                logfile = open(run_dir / "log.txt", "a")
+                mine = slots[slot]
+                proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=lambda c=mine: os.sched_setaffinity(0, c))
+                running[slot] = (proc, run_dir, time.time(), logfile)
+                log(f"  start {run_dir} (cores {mine})")
+            time.sleep(poll_s)
+            for slot, (proc, run_dir, start, logfile) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                logfile.close()
+                del running[slot]
+                took = time.time() - start
+                if rc == 0 and run_state(run_dir) == "done":
+                    durations.append(took)
+                    result["done"].append(run_dir)
+                    acc = json.loads((run_dir / "summary.json").read_text())
+                    left = len(todo) + len(running)
+                    eta = np.mean(durations) * left / n_jobs
+                    log(f"  done  {run_dir} in {_fmt_s(took)}: final test accuracy "
+                        f"{100 * acc['final_test_accuracy']:.2f}, mean of last {acc['last_k']} "
+                        f"{100 * acc['last_k_mean_test_accuracy']:.2f} "
+                        f"[{len(result['done'])} done, {left} left, about {_fmt_s(eta)} to go]")
+                else:
+                    result["failed"].append((run_dir, rc))
+                    log(f"  FAILED {run_dir} (exit {rc}); its log: {run_dir / 'log.txt'}")
+    except BaseException:
+        for proc, run_dir, _, logfile in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, run_dir, _, logfile in running.values():
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            logfile.close()
+            log(f"  stopped {run_dir} (it resumes on the next run)")
+        raise
+    log(f"grid finished in {_fmt_s(time.time() - t0)}: {len(result['done'])} ran, "
+        f"{len(result['failed'])} failed, {len(result['skipped'])} were finished already")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------
+
+#: Two-sided 95% quantiles of Student's t, t_{0.975, df}, df = 1..30.
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010,
+        2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739,
+        2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def paired_difference(a: dict, b: dict) -> dict | None:
+    """Mean of ``a[seed] - b[seed]`` over the seeds both have, with its 95% t interval.
+
+    Returns ``{"n", "mean", "std", "low", "high", "excludes_zero"}`` (``std``: sample standard
+    deviation of the differences; the interval ``mean +- t_{0.975, n-1} std / sqrt(n)``), or
+    ``None`` with fewer than two paired seeds.
+    """
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = np.array([a[s] - b[s] for s in seeds], float)
+    n, mean, std = len(d), float(d.mean()), float(d.std(ddof=1))
+    half = T975[min(n - 1, len(T975)) - 1] * std / np.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half,
+            "excludes_zero": bool(mean - half > 0 or mean + half < 0)}
+
+
+def budget_table(curves: dict, candidates, tolerance: float = 0.3) -> tuple[str, int | None]:
+    """For each candidate budget E: each curve's mean over its last 10% of E epochs, and its gap to
+    the curve's best (all epochs measured). Returns the markdown table and the smallest E at which
+    every gap is within ``tolerance`` points (``None`` if none is).
+
+    ``curves``: ``{name: accuracies in percent, one per epoch}``.
+    """
+    names = list(curves)
+    lines = ["| epochs E | " + " | ".join(f"{n}: mean of last 10% (gap to best {max(curves[n]):.2f})"
+                                          for n in names) + " | all within |",
+             "| --- |" + " --- |" * (len(names) + 1)]
+    chosen = None
+    for e in candidates:
+        row, ok = [], True
+        for n in names:
+            c = np.asarray(curves[n], float)
+            if e > len(c):
+                row.append("")
+                ok = False
+                continue
+            k = max(1, e // 10)
+            m = float(c[e - k:e].mean())
+            gap = float(c.max()) - m
+            ok &= gap <= tolerance
+            row.append(f"{m:.2f} ({gap:.2f})")
+        if ok and chosen is None:
+            chosen = e
+        lines.append(f"| {e} | " + " | ".join(row) + f" | {'yes' if ok else 'no'} |")
+    return "\n".join(lines) + "\n", chosen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------
+
+
+def collect(protocol: str, workdir: pathlib.Path) -> dict:
+    """``{variant: {seed: summary}}`` of the finished runs of a protocol, from their files alone."""
+    out = {}
+    for variant, seed in cells(protocol, seeds=range(10)):
+        path = workdir / protocol / variant / f"seed{seed}" / "summary.json"
+        if path.is_file():
+            s = json.loads(path.read_text())
+            if s.get("complete"):
+                out.setdefault(variant, {})[seed] = s
+    return out
+
+
+def _headline(s: dict) -> float:
+    return 100 * s["last_k_mean_test_accuracy"]
+
+
+def leaderboard(protocol: str, results: dict) -> tuple[str, list[dict]]:
+    """The markdown leaderboard of a protocol and its rows (sorted by the headline, best first)."""
+    single = {seed: _headline(s) for seed, s in results.get("single", {}).items()}
+    single_time = {seed: s["train_time_s"] for seed, s in results.get("single", {}).items()}
+    rows = []
+    for variant, runs in results.items():
+        head = np.array([_headline(s) for s in runs.values()])
+        final = np.array([100 * s["final_test_accuracy"] for s in runs.values()])
+        diff = paired_difference({k: _headline(s) for k, s in runs.items()}, single) \
+            if variant != "single" else None
+        rel = [s["train_time_s"] / single_time[k] for k, s in runs.items() if k in single_time]
+        any_run = next(iter(runs.values()))
+        rows.append({"variant": variant, "method": any_run["method"], "seeds": sorted(runs),
+                     "headline_mean": float(head.mean()),
+                     "headline_std": float(head.std(ddof=1)) if len(head) > 1 else 0.0,
+                     "final_mean": float(final.mean()),
+                     "final_std": float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+                     "diff": diff, "time_rel": float(np.mean(rel)) if rel else None,
+                     "train_time_s": float(np.mean([s["train_time_s"] for s in runs.values()])),
+                     "epochs": any_run["epochs"], "last_k": any_run["last_k"],
+                     "steps_per_epoch": any_run["steps_per_epoch"],
+                     "curves": [s["test_accuracy"] for s in runs.values()]})
+    rows.sort(key=lambda r: -r["headline_mean"])
+    if not rows:
+        return f"### {protocol}: no finished runs yet\n", rows
+    r0 = rows[0]
+    lines = [f"| # | variant | seeds | test acc., mean of last {r0['last_k']} epochs | final epoch "
+             f"| minus single, paired (95% CI) | CI excludes 0 | train time / single |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, r in enumerate(rows, 1):
+        d = r["diff"]
+        dtxt = (f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d else "")
+        ex = ("yes, " + ("better" if d["mean"] > 0 else "worse")) if d and d["excludes_zero"] else \
+            ("no" if d else "")
+        rel = "" if r["time_rel"] is None else f"{r['time_rel']:.1f}x"
+        lines.append(f"| {i} | {r['variant']} | {len(r['seeds'])} | {r['headline_mean']:.2f} +- "
+                     f"{r['headline_std']:.2f} | {r['final_mean']:.2f} +- {r['final_std']:.2f} | "
+                     f"{dtxt} | {ex} | {rel} |")
+    return "\n".join(lines) + "\n", rows
+
+
+def _figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+    """Three PNGs: paired differences with 95% intervals, cost against gain, learning curves."""
+    paths = []
+    diffs = [r for r in rows if r["diff"]]
+    if diffs:
+        fig = _figure((7, 0.35 * len(diffs) + 1.5))
+        ax = fig.add_subplot()
+        y = np.arange(len(diffs))[::-1]
+        for yi, r in zip(y, diffs):
+            d = r["diff"]
+            color = "tab:green" if d["excludes_zero"] and d["mean"] > 0 else \
+                "tab:red" if d["excludes_zero"] else "tab:gray"
+            ax.errorbar(d["mean"], yi, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]],
+                        fmt="o", color=color, capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(y, [r["variant"] for r in diffs], fontsize=8)
+        ax.set_xlabel("test accuracy minus single-task, paired by seed (points, 95% CI)")
+        ax.set_title(f"{protocol}: gain over single-task")
+        fig.tight_layout()
+        paths.append(out / f"{protocol}_paired.png")
+        fig.savefig(paths[-1], dpi=110)
+        fig = _figure((6.5, 4.5))
+        ax = fig.add_subplot()
+        for r in diffs:
+            if r["time_rel"] is None:
+                continue
+            ax.scatter(r["time_rel"], r["diff"]["mean"], color="tab:blue")
+            ax.annotate(r["variant"], (r["time_rel"], r["diff"]["mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training time relative to single-task (log)")
+        ax.set_ylabel("gain over single-task (points)")
+        ax.set_title(f"{protocol}: cost against gain")
+        fig.tight_layout()
+        paths.append(out / f"{protocol}_cost_gain.png")
+        fig.savefig(paths[-1], dpi=110)
+    if rows:
+        fig = _figure((8, 5))
+        ax = fig.add_subplot()
+        for r in rows:
+            acc = 100 * np.array(r["curves"], float)
+            x = np.arange(1, acc.shape[1] + 1)
+            ax.plot(x, acc.mean(0), label=r["variant"], lw=2 if r["variant"] == "single" else 1,
+                    color="k" if r["variant"] == "single" else None)
+        lo = min(np.mean(r["curves"], 0)[len(r["curves"][0]) // 3] for r in rows) * 100
+        ax.set_ylim(lo, None)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%), mean over seeds",
+               title=f"{protocol}: learning curves")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        paths.append(out / f"{protocol}_curves.png")
+        fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------
+
+
+def _one(args) -> int:
+    """Trains one cell in this process (the grid's worker)."""
+    from absl import logging
+
+    from maxl_jax import train
+
+    logging.set_verbosity(logging.ERROR)
+    config = cell_config(args.protocol, args.variant, args.seed, data_dir=args.data_dir or None,
+                         epochs=args.epochs, width=args.width, eval_split=args.eval_split)
+    run_dir = pathlib.Path(args.run_dir)
+    print(f"== {args.protocol} / {args.variant} / seed {args.seed}: {config.epochs} epochs, "
+          f"eval on {config.eval_split}", flush=True)
+    try:
+        summary = train.train_and_evaluate(config, run_dir, progress=False)
+    except train.Interrupted as e:
+        print(e.message, flush=True)
+        return 143
+    state = summary.pop("state")
+    if (config.method == "maxl" and args.seed == 0 and args.eval_split == "test"
+            and not (run_dir / "test_labels.npz").exists()):
+        from experiments import study
+        np.savez(run_dir / "test_labels.npz", **study.generated_test_labels(config, state))
+    return 0
+
+
+def _jobs(protocol: str, workdir: pathlib.Path, args, seeds=None, only=(), eval_split="test",
+          epochs=0) -> list:
+    out = []
+    for variant, seed in cells(protocol, only=only, seeds=seeds):
+        run_dir = workdir / protocol / variant / f"seed{seed}"
+        argv = [sys.executable, "-m", "experiments.benchmark", "one", f"--protocol={protocol}",
+                f"--variant={variant}", f"--seed={seed}", f"--run-dir={run_dir}",
+                f"--width={args.width}", f"--epochs={epochs}", f"--eval-split={eval_split}"]
+        if args.data_dir:
+            argv.append(f"--data-dir={args.data_dir}")
+        out.append((argv, run_dir))
+    return out
+
+
+def _check_data(protocol: str, data_dir: str | None) -> None:
+    spec = PROTOCOLS[protocol]
+    folder = pathlib.Path(data_dir or shared_data_root() / spec.data_subdir)
+    if not folder.is_dir():
+        sys.exit(f"Error: no data folder {folder} for {protocol} ({spec.dataset}). Pass "
+                 f"--data-dir=FOLDER (its IDX archives), or set MAXL_SHARED_DATA to the folder "
+                 f"holding {spec.data_subdir}/.")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark",
+                                     description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workdir", default="runs/benchmark", help="where the runs go")
+    common.add_argument("--data-dir", default="", help="the protocol's data folder (default: "
+                        "$MAXL_SHARED_DATA/<emnist_letters|fashion_mnist>)")
+    common.add_argument("--width", type=int, default=16, help="small CNN first-block filters")
+    p_run = sub.add_parser("run", parents=[common], help="run a protocol's grid")
+    p_run.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    p_run.add_argument("--jobs", type=int, default=2, help="runs at a time (cores divided)")
+    p_run.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    p_run.add_argument("--seeds", default="", help="comma-separated seeds (default: the protocol's)")
+    p_list = sub.add_parser("list", parents=[common], help="the protocol's cells and their state")
+    p_list.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    p_bud = sub.add_parser("budget", parents=[common], help="measure the convergence budget")
+    p_bud.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    p_bud.add_argument("--epochs", type=int, default=150)
+    p_bud.add_argument("--jobs", type=int, default=2)
+    p_bud.add_argument("--seeds", default="0")
+    p_rep = sub.add_parser("report", parents=[common], help="tables and plots from the run files")
+    p_rep.add_argument("--protocol", choices=sorted(PROTOCOLS), action="append")
+    p_rep.add_argument("--out", default="docs/results/benchmark")
+    p_one = sub.add_parser("one", parents=[common], help=argparse.SUPPRESS)
+    p_one.add_argument("--protocol", required=True)
+    p_one.add_argument("--variant", required=True)
+    p_one.add_argument("--seed", type=int, required=True)
+    p_one.add_argument("--run-dir", required=True)
+    p_one.add_argument("--epochs", type=int, default=0)
+    p_one.add_argument("--eval-split", default="test")
+    args = parser.parse_args(argv)
+    workdir = pathlib.Path(args.workdir).absolute()
+
+    def ints(text, what):
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            parser.error(f"--{what}={text!r}: give comma-separated integers, e.g. 0,1,2")
+
+    if args.command == "one":
+        return _one(args)
+    if args.command == "list":
+        for variant, seed in cells(args.protocol):
+            print(f"{run_state(workdir / args.protocol / variant / f'seed{seed}'):8s} "
+                  f"{variant} seed {seed}")
+        return 0
+    if args.command == "run":
+        only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+        unknown = sorted(set(only) - set(PROTOCOLS[args.protocol].variants))
+        if unknown:
+            parser.error(f"--only: {unknown} are not variants of {args.protocol}; its variants: "
+                         f"{', '.join(PROTOCOLS[args.protocol].variants)}")
+        _check_data(args.protocol, args.data_dir)
+        seeds = ints(args.seeds, "seeds") or None
+        try:
+            res = run_grid(_jobs(args.protocol, workdir, args, seeds, only), args.jobs)
+        except KeyboardInterrupt:
+            print("Stopped: the same command resumes the grid.", file=sys.stderr)
+            return 130
+        return 1 if res["failed"] else 0
+    if args.command == "budget":
+        _check_data(args.protocol, args.data_dir)
+        spec = PROTOCOLS[args.protocol]
+        bud = workdir / "budget"
+        seeds = ints(args.seeds, "seeds")
+        jobs = _jobs(args.protocol, bud, args, seeds, spec.budget_variants, "validation", args.epochs)
+        try:
+            run_grid(jobs, args.jobs)
+        except KeyboardInterrupt:
+            print("Stopped: the same command resumes.", file=sys.stderr)
+            return 130
+        curves = {}
+        for variant in spec.budget_variants:
+            for seed in seeds:
+                s = json.loads((bud / args.protocol / variant / f"seed{seed}" / "summary.json")
+                               .read_text())
+                curves[f"{variant} seed {seed}"] = 100 * np.array(s["test_accuracy"])
+        md, chosen = budget_table(curves, range(10, args.epochs + 1, 10))
+        print(f"{args.protocol}: validation accuracy ({spec.dataset}, eval_split=validation)\n")
+        print(md)
+        print(f"smallest budget within 0.3 points of every curve's best: {chosen} epochs")
+        return 0
+    if args.command == "report":
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for protocol in args.protocol or sorted(PROTOCOLS):
+            results = collect(protocol, workdir)
+            md, rows = leaderboard(protocol, results)
+            (out / f"{protocol}.md").write_text(md)
+            (out / f"{protocol}.json").write_text(json.dumps(
+                {v: {str(k): {f: s[f] for f in ("final_test_accuracy", "last_k_mean_test_accuracy",
+                                                 "test_accuracy", "train_time_s", "epochs",
+                                                 "steps_per_epoch", "method", "seed")}
+                     for k, s in runs.items()} for v, runs in results.items()}, indent=1))
+            plot_report(protocol, rows, out)
+            print(f"## {protocol}\n\n{md}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The method benchmark's grid, runner and statistics (experiments/benchmark.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import benchmark as B
+from maxl_jax import methods
+
+
+def test_every_method_runs_in_every_protocol_with_its_defaults():
+    """Each protocol has a variant of every registered method (human only where the data set has
+    fine labels), and a cell's config keeps every method's documented defaults except the
+    variant's named overrides."""
+    from experiments.configs import default
+
+    base = default.get_config()
+    for name, spec in B.PROTOCOLS.items():
+        used = {v.method for v in spec.variants.values()}
+        expected = set(methods.names()) - ({"human"} if name != "fmnist_coarse_low" else set())
+        assert used == expected, name
+        for variant in spec.variants:
+            c = B.cell_config(name, variant, 1, data_dir="/d")
+            v = spec.variants[variant]
+            overridden = {f.split(".")[0] for f, _ in v.overrides}
+            for m in methods.defaults():
+                if m not in overridden:
+                    assert c[m].to_dict() == base[m].to_dict(), (name, variant, m)
+            assert c.method == v.method and c.seed == 1 and c.psi == v.psi
+            assert c.last_k == max(1, c.epochs // 10) and c.eval_split == "test"
+
+
+def test_the_issue_variants_are_there():
+    """MAXL's exact and finite-difference forms on EMNIST; psi 2 and 5 for MAXL and random labels;
+    AuxiLearn's linear and nonlinear combiners; the human task beside random labels on coarse."""
+    em = B.PROTOCOLS["emnist_letters_low"].variants
+    assert em["maxl_fd_psi5"].overrides == (("meta_form", "finite_difference"),)
+    assert em["maxl_psi2"].psi == (2,) * 26 and em["random_psi5"].psi == (5,) * 26
+    c = B.cell_config("emnist_letters_low", "auxilearn_nonlinear", 0, data_dir="/d")
+    assert c.auxilearn.combiner == "nonlinear" and c.aux_tasks == "random"
+    assert B.cell_config("emnist_letters_low", "maxl_fd_psi5", 0, data_dir="/d").meta_form == \
+        "finite_difference"
+    coarse = B.PROTOCOLS["fmnist_coarse_low"].variants
+    assert all(coarse[k].aux_tasks == "human,random" for k in ("equal", "gcs", "maoal", "olaux"))
+
+
+def test_paired_difference_matches_a_hand_computed_example():
+    """d = (1, 2, 4): mean 7/3, sd sqrt(7/3), half width t(0.975, 2) sd / sqrt(3); zero inside.
+    d = (1, 1.1, 0.9): mean 1, sd 0.1, interval [0.7516, 1.2484], zero outside. Seeds missing
+    from either side are left out; one paired seed gives no interval."""
+    a, b = {0: 1.0, 1: 2.0, 2: 4.0, 7: 9.0}, {0: 0.0, 1: 0.0, 2: 0.0}
+    d = B.paired_difference(a, b)
+    sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    half = 4.3027 * sd / math.sqrt(3)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(7 / 3) and d["std"] == pytest.approx(sd)
+    assert d["low"] == pytest.approx(7 / 3 - half) and d["high"] == pytest.approx(7 / 3 + half)
+    assert not d["excludes_zero"]
+    d = B.paired_difference({0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert d["low"] == pytest.approx(0.75159, abs=1e-4) and d["high"] == pytest.approx(1.24841, abs=1e-4)
+    assert d["excludes_zero"]
+    assert B.paired_difference({0: 1.0}, {0: 0.0, 1: 0.0}) is None
+
+
+def test_t_quantiles():
+    """The table's t_{0.975} values: 12.706 at df 1, 2.776 at df 4, 2.042 at df 30, decreasing."""
+    assert B.T975[0] == pytest.approx(12.706, abs=1e-3) and B.T975[3] == pytest.approx(2.776, abs=1e-3)
+    assert B.T975[29] == pytest.approx(2.042, abs=1e-3) and all(np.diff(B.T975) < 0)
+
+
+def test_budget_picks_the_first_budget_within_tolerance_of_every_best():
+    """A curve that rises to 90 by epoch 30 and stays; another to 80 by epoch 40. At E = 40 the
+    second's last 10% (epochs 37-40) still lies on its ramp, 1.15 below its best; at E = 50 both
+    are at their best."""
+    a = np.concatenate([np.linspace(50, 90, 30), np.full(30, 90.0)])
+    b = np.concatenate([np.linspace(50, 80, 40), np.full(20, 80.0)])
+    md, chosen = B.budget_table({"a": a, "b": b}, range(10, 61, 10))
+    assert chosen == 50
+    assert "| 40 | 90.00 (0.00) | 78.85 (1.15) | no |" in md and md.count("| yes |") == 2
+    _, none = B.budget_table({"a": a, "b": b}, range(10, 31, 10))
+    assert none is None
+
+
+def _summary(run_dir: pathlib.Path, **kw):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps({"complete": True, **kw}))
+
+
+def test_run_state(tmp_path):
+    """done: a complete summary; partial: anything else in the folder; new: nothing there."""
+    assert B.run_state(tmp_path / "absent") == "new"
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "metrics.jsonl").write_text("{}\n")
+    assert B.run_state(tmp_path / "p") == "partial"
+    (tmp_path / "p" / "summary.json").write_text(json.dumps({"complete": False}))
+    assert B.run_state(tmp_path / "p") == "partial"
+    _summary(tmp_path / "d")
+    assert B.run_state(tmp_path / "d") == "done"
+
+
+_FAKE = """
+import json, pathlib, sys
+d = pathlib.Path(sys.argv[1])
+with open(d.parent.parent / "calls.txt", "a") as f:
+    f.write(d.name + "\\n")
+if d.name == "seed9":
+    sys.exit(3)
+(d / "summary.json").write_text(json.dumps({"complete": True, "final_test_accuracy": 0.5,
+                                            "last_k_mean_test_accuracy": 0.5, "last_k": 1}))
+"""
+
+
+def test_grid_skips_finished_runs_resumes_partial_ones_and_reports_failures(tmp_path):
+    """Finished runs are not started again; a partial one is started (to resume); a failing one is
+    reported with its exit code; every started run's output lands in its log.txt."""
+    script = tmp_path / "fake.py"
+    script.write_text(_FAKE)
+    root = tmp_path / "proto" / "v"
+    _summary(root / "seed0", final_test_accuracy=0.4)
+    (root / "seed1").mkdir(parents=True)
+    (root / "seed1" / "metrics.jsonl").write_text("{}\n")
+    jobs = [([sys.executable, str(script), str(root / f"seed{s}")], root / f"seed{s}")
+            for s in (0, 1, 2, 9)]
+    lines = []
+    res = B.run_grid(jobs, n_jobs=2, cores=1, log=lines.append, poll_s=0.05)
+    calls = sorted((tmp_path / "proto" / "calls.txt").read_text().split())
+    assert calls == ["seed1", "seed2", "seed9"]
+    assert res["skipped"] == [root / "seed0"] and res["failed"] == [(root / "seed9", 3)]
+    assert sorted(res["done"]) == [root / "seed1", root / "seed2"]
+    assert "1 finished already, 3 to run" in lines[0]
+    assert all((root / f"seed{s}" / "log.txt").exists() for s in (1, 2, 9))
+    B.run_grid(jobs[:3], n_jobs=1, cores=1, log=lines.append, poll_s=0.05)
+    assert len((tmp_path / "proto" / "calls.txt").read_text().split()) == 3  # nothing re-ran
+
+
+def test_leaderboard_pairs_by_seed_and_rebuilds_from_files(tmp_path):
+    """collect + leaderboard read the run folders alone: the paired difference uses the seeds both
+    variants have, the table ranks by the headline (mean of the last k epochs) and the plots
+    are written."""
+    proto = "fmnist10_low"
+    for seed, (single, maxl) in enumerate([(80.0, 81.0), (82.0, 83.5), (81.0, 82.0)]):
+        for variant, acc, t in (("single", single, 10.0), ("maxl_psi5", maxl, 40.0)):
+            _summary(tmp_path / proto / variant / f"seed{seed}", method=variant.split("_")[0],
+                     seed=seed, epochs=3, last_k=1, steps_per_epoch=30, train_time_s=t,
+                     final_test_accuracy=acc / 100, last_k_mean_test_accuracy=acc / 100,
+                     test_accuracy=[0.5, 0.7, acc / 100])
+    results = B.collect(proto, tmp_path)
+    md, rows = B.leaderboard(proto, results)
+    assert [r["variant"] for r in rows] == ["maxl_psi5", "single"]
+    d = rows[0]["diff"]
+    assert d["n"] == 3 and d["mean"] == pytest.approx(7 / 6) and rows[0]["time_rel"] == pytest.approx(4.0)
+    assert "| 1 | maxl_psi5 | 3 | 82.17 +- 1.26" in md and "4.0x" in md
+    paths = B.plot_report(proto, rows, tmp_path)
+    assert [p.name for p in paths] == [f"{proto}_paired.png", f"{proto}_cost_gain.png",
+                                       f"{proto}_curves.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """An unknown variant in --only and a missing data folder end with a message, not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        B.main(["run", "--protocol=fmnist10_low", "--only=nope", f"--workdir={tmp_path}"])
+    assert info.value.code == 2 and "'nope'] are not variants of fmnist10_low" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no data folder"):
+        B.main(["run", "--protocol=fmnist10_low", f"--data-dir={tmp_path / 'absent'}",
+                f"--workdir={tmp_path}"])
