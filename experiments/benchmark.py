@@ -119,8 +119,13 @@ def shared_data_root() -> pathlib.Path:
                         pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
+#: The grid evaluates after every EVAL_EVERY-th epoch and each of the last 10% (the headline's).
+EVAL_EVERY = 5
+
+
 def cell_config(protocol: str, variant: str, seed: int, *, data_dir: str | None = None,
-                epochs: int = 0, width: int = 16, eval_split: str = "test"):
+                epochs: int = 0, width: int = 16, eval_split: str = "test",
+                eval_every: int = EVAL_EVERY):
     """The config of one run: ``experiments/configs/cpu.py`` with the protocol's data and method."""
     from experiments.configs import cpu
 
@@ -141,6 +146,7 @@ def cell_config(protocol: str, variant: str, seed: int, *, data_dir: str | None 
     c.last_k = max(1, c.epochs // 10)      # the headline: mean test accuracy of the last 10% epochs
     c.eval_batch_size = 1040               # divides EMNIST's 20,800 and rounds FMNIST's 10,000 up
     c.eval_split = eval_split
+    c.eval_every = eval_every
     return c
 
 
@@ -351,7 +357,8 @@ def leaderboard(protocol: str, results: dict) -> tuple[str, list[dict]]:
                      "train_time_s": float(np.mean([s["train_time_s"] for s in runs.values()])),
                      "epochs": any_run["epochs"], "last_k": any_run["last_k"],
                      "steps_per_epoch": any_run["steps_per_epoch"],
-                     "curves": [s["test_accuracy"] for s in runs.values()]})
+                     "curves": [[np.nan if a is None else a for a in s["test_accuracy"]]
+                                for s in runs.values()]})
     rows.sort(key=lambda r: -r["headline_mean"])
     if not rows:
         return f"### {protocol}: no finished runs yet\n", rows
@@ -420,13 +427,15 @@ def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> list[path
     if rows:
         fig = _figure((8, 5))
         ax = fig.add_subplot()
+        lows = []
         for r in rows:
-            acc = 100 * np.array(r["curves"], float)
-            x = np.arange(1, acc.shape[1] + 1)
-            ax.plot(x, acc.mean(0), label=r["variant"], lw=2 if r["variant"] == "single" else 1,
+            acc = 100 * np.array(r["curves"], float).mean(0)
+            x = np.arange(1, acc.size + 1)
+            seen = ~np.isnan(acc)  # epochs the runs evaluated (every EVAL_EVERY-th, the last 10%)
+            ax.plot(x[seen], acc[seen], label=r["variant"], lw=2 if r["variant"] == "single" else 1,
                     color="k" if r["variant"] == "single" else None)
-        lo = min(np.mean(r["curves"], 0)[len(r["curves"][0]) // 3] for r in rows) * 100
-        ax.set_ylim(lo, None)
+            lows.append(acc[seen][len(acc[seen]) // 3])
+        ax.set_ylim(min(lows) - 1, None)
         ax.set(xlabel="epoch", ylabel="test accuracy (%), mean over seeds",
                title=f"{protocol}: learning curves")
         ax.legend(fontsize=6, ncol=2)
@@ -449,7 +458,8 @@ def _one(args) -> int:
 
     logging.set_verbosity(logging.ERROR)
     config = cell_config(args.protocol, args.variant, args.seed, data_dir=args.data_dir or None,
-                         epochs=args.epochs, width=args.width, eval_split=args.eval_split)
+                         epochs=args.epochs, width=args.width, eval_split=args.eval_split,
+                         eval_every=args.eval_every)
     run_dir = pathlib.Path(args.run_dir)
     print(f"== {args.protocol} / {args.variant} / seed {args.seed}: {config.epochs} epochs, "
           f"eval on {config.eval_split}", flush=True)
@@ -467,13 +477,14 @@ def _one(args) -> int:
 
 
 def _jobs(protocol: str, workdir: pathlib.Path, args, seeds=None, only=(), eval_split="test",
-          epochs=0) -> list:
+          epochs=0, eval_every=EVAL_EVERY) -> list:
     out = []
     for variant, seed in cells(protocol, only=only, seeds=seeds):
         run_dir = workdir / protocol / variant / f"seed{seed}"
         argv = [sys.executable, "-m", "experiments.benchmark", "one", f"--protocol={protocol}",
                 f"--variant={variant}", f"--seed={seed}", f"--run-dir={run_dir}",
-                f"--width={args.width}", f"--epochs={epochs}", f"--eval-split={eval_split}"]
+                f"--width={args.width}", f"--epochs={epochs}", f"--eval-split={eval_split}",
+                f"--eval-every={eval_every}"]
         if args.data_dir:
             argv.append(f"--data-dir={args.data_dir}")
         out.append((argv, run_dir))
@@ -520,6 +531,7 @@ def main(argv=None) -> int:
     p_one.add_argument("--run-dir", required=True)
     p_one.add_argument("--epochs", type=int, default=0)
     p_one.add_argument("--eval-split", default="test")
+    p_one.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     args = parser.parse_args(argv)
     workdir = pathlib.Path(args.workdir).absolute()
 
@@ -555,7 +567,8 @@ def main(argv=None) -> int:
         spec = PROTOCOLS[args.protocol]
         bud = workdir / "budget"
         seeds = ints(args.seeds, "seeds")
-        jobs = _jobs(args.protocol, bud, args, seeds, spec.budget_variants, "validation", args.epochs)
+        jobs = _jobs(args.protocol, bud, args, seeds, spec.budget_variants, "validation",
+                     args.epochs, eval_every=1)
         try:
             run_grid(jobs, args.jobs)
         except KeyboardInterrupt:
@@ -566,7 +579,7 @@ def main(argv=None) -> int:
             for seed in seeds:
                 s = json.loads((bud / args.protocol / variant / f"seed{seed}" / "summary.json")
                                .read_text())
-                curves[f"{variant} seed {seed}"] = 100 * np.array(s["test_accuracy"])
+                curves[f"{variant} seed {seed}"] = 100 * np.array(s["test_accuracy"], float)
         md, chosen = budget_table(curves, range(10, args.epochs + 1, 10))
         print(f"{args.protocol}: validation accuracy ({spec.dataset}, eval_split=validation)\n")
         print(md)

@@ -611,12 +611,13 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         sums = jax.device_get(state.sums)
         means = {kind: _means(sums[kind], sums[kind + "_count"])
                  for kind in ("train", "meta") if kind in sums and sums[kind + "_count"] > 0}
-        test_sums = compiled.evaluate(state, test, eval_idx)
-        _fault("eval", epoch + 1)
-        test_sums = jax.device_get(test_sums)
         record: dict[str, Any] = {"epoch": epoch, **means}
-        record["test"] = {"accuracy": float(test_sums["correct"] / test_sums["count"]),
-                          "loss": float(test_sums["loss_sum"] / test_sums["count"])}
+        if evaluates(epoch, config):
+            test_sums = compiled.evaluate(state, test, eval_idx)
+            _fault("eval", epoch + 1)
+            test_sums = jax.device_get(test_sums)
+            record["test"] = {"accuracy": float(test_sums["correct"] / test_sums["count"]),
+                              "loss": float(test_sums["loss_sum"] / test_sums["count"])}
         record.update(method.epoch_summary(means))
         record["epoch_time"] = epoch_time
         record["train_images_per_sec"] = images_per_sec
@@ -891,8 +892,9 @@ def _epoch_line(r: dict, epochs: int, method: Method) -> str:
     if meta:
         line += " | " + " ".join(f"{label} {meta[key]:.4f}" for key, label in method.report
                                  if key in meta)
-    return line + (f" | test loss {r['test']['loss']:.4f} acc {r['test']['accuracy']:.4f}"
-                   f" | {r['epoch_time']:.1f}s")
+    if "test" in r:
+        line += f" | test loss {r['test']['loss']:.4f} acc {r['test']['accuracy']:.4f}"
+    return line + f" | {r['epoch_time']:.1f}s"
 
 
 def _finish(config, workdir, records, state, steps_per_epoch) -> dict:
@@ -922,9 +924,22 @@ def _complete(config, workdir, records, state, steps_per_epoch, log) -> dict:
     return summary
 
 
+def evaluates(epoch: int, config) -> bool:
+    """Whether the run evaluates after (0-based) ``epoch``: every ``eval_every``-th epoch, and each
+    of the last ``last_k`` epochs, whose mean is reported."""
+    every = int(config.get("eval_every") or 1)
+    return ((epoch + 1) % every == 0 or epoch >= int(config.epochs) - int(config.last_k)
+            or epoch == int(config.epochs) - 1)
+
+
 def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
-    """Final, best (with its epoch number) and mean-of-last-k test accuracy, time and throughput."""
-    acc = [r["test"]["accuracy"] for r in records]
+    """Final, best (with its epoch number) and mean-of-last-k test accuracy, time and throughput.
+
+    ``test_accuracy`` has one entry per epoch, ``None`` for the epochs not evaluated
+    (``eval_every``); best and mean-of-last-k are taken over the evaluated ones.
+    """
+    evaluated = [r for r in records if "test" in r]
+    acc = [r["test"]["accuracy"] for r in evaluated]
     k = min(int(config.last_k), len(acc)) if acc else 0
     ips = [r.get("train_images_per_sec") for r in records]
     ips = [x for x in ips if x is not None]
@@ -934,11 +949,12 @@ def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
     return {
         "method": config.method, "dataset": config.dataset, "arch": config.arch,
         "seed": config.seed, "epochs": len(records), "steps_per_epoch": steps_per_epoch,
-        "final_test_accuracy": acc[-1] if acc else None,
+        "final_test_accuracy": (records[-1]["test"]["accuracy"]
+                                if records and "test" in records[-1] else None),
         "best_test_accuracy": acc[best] if acc else None,
-        "best_epoch": records[best]["epoch"] + 1 if acc else None,
+        "best_epoch": evaluated[best]["epoch"] + 1 if acc else None,
         "last_k": k, "last_k_mean_test_accuracy": float(np.mean(acc[-k:])) if k else None,
-        "test_accuracy": acc,
+        "test_accuracy": [r["test"]["accuracy"] if "test" in r else None for r in records],
         "complete": not missing, "missing_epochs": [m + 1 for m in missing],
         "train_time_s": float(sum(r.get("epoch_time") or 0.0 for r in records)),
         "train_images_per_sec": float(np.median(ips)) if ips else None,
@@ -965,12 +981,12 @@ def plot_learning_curves(records: list[dict], path: pathlib.Path, report=(), tit
     fig, axes = plt.subplots(1, 3 if has_meta else 2, figsize=(15 if has_meta else 10, 4))
     ax = axes[0]
     ax.plot(epochs, [get(r, "train", "primary_loss") for r in records], label="train primary")
-    ax.plot(epochs, [r["test"]["loss"] for r in records], label="test primary")
+    ax.plot(epochs, [get(r, "test", "loss") for r in records], ".-", label="test primary")
     ax.set(xlabel="epoch", ylabel="focal loss", title="loss")
     ax.legend()
     ax = axes[1]
     ax.plot(epochs, [get(r, "train", "accuracy") for r in records], label="train")
-    ax.plot(epochs, [r["test"]["accuracy"] for r in records], label="test")
+    ax.plot(epochs, [get(r, "test", "accuracy") for r in records], ".-", label="test")
     ax.set(xlabel="epoch", ylabel="primary accuracy", title="accuracy")
     ax.legend()
     if has_meta:

@@ -38,6 +38,8 @@ _RANGES: dict[str, tuple[str, float | None, bool]] = {
     "steps_per_call": ("int", 0, True),
     "keep_checkpoints": ("int", 1, True),
     "last_k": ("int", 1, True),
+    "eval_every": ("int", 1, True),
+    "validation_size": ("int", 1, True),
     "width": ("int", 0, True),
     "head_width": ("int", 0, True),
     "train_fraction": ("float", 0.0, False),
@@ -52,6 +54,7 @@ _HINTS = {
     "width": "0 means the architecture's default",
     "head_width": "0 means the architecture's default",
     "inner_lr": "0 turns the meta step's look-ahead off",
+    "eval_every": "1 evaluates after every epoch",
 }
 
 

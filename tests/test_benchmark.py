@@ -148,7 +148,7 @@ def test_leaderboard_pairs_by_seed_and_rebuilds_from_files(tmp_path):
             _summary(tmp_path / proto / variant / f"seed{seed}", method=variant.split("_")[0],
                      seed=seed, epochs=3, last_k=1, steps_per_epoch=30, train_time_s=t,
                      final_test_accuracy=acc / 100, last_k_mean_test_accuracy=acc / 100,
-                     test_accuracy=[0.5, 0.7, acc / 100])
+                     test_accuracy=[None, 0.7, acc / 100])  # epoch 1 not evaluated
     results = B.collect(proto, tmp_path)
     md, rows = B.leaderboard(proto, results)
     assert [r["variant"] for r in rows] == ["maxl_psi5", "single"]

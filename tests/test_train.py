@@ -255,3 +255,20 @@ def test_a_non_finite_step_inside_a_chunk_is_named_as_step_by_step(tmp_path):
         errors.append(str(info.value))
     assert errors[0] == errors[1]
     assert checkpoint_steps(tmp_path / "3") == []  # nothing non-finite was saved
+
+
+def test_eval_every_evaluates_every_nth_and_the_reported_last_k_epochs(tmp_path):
+    """eval_every=3, 6 epochs, last_k=2: epochs 3, 5 and 6 are evaluated (the 3rd, then the last
+    two, which the summary averages), the others' records carry no test entry; the parameters
+    are those of a run that evaluates every epoch (evaluation changes nothing)."""
+    sparse = run(tiny_config(method="single", epochs=6, last_k=2, eval_every=3,
+                             max_steps_per_epoch=1), tmp_path / "sparse")
+    dense = run(tiny_config(method="single", epochs=6, last_k=2, max_steps_per_epoch=1),
+                tmp_path / "dense")
+    records = [json.loads(l) for l in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] + 1 for r in records if "test" in r] == [3, 5, 6]
+    acc = dense["test_accuracy"]
+    assert sparse["test_accuracy"] == [None, None, acc[2], None, acc[4], acc[5]]
+    assert sparse["last_k_mean_test_accuracy"] == pytest.approx(np.mean(acc[-2:]))
+    assert sparse["final_test_accuracy"] == acc[5] and sparse["complete"]
+    np.testing.assert_array_equal(flat_params(sparse["state"]), flat_params(dense["state"]))

@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.resume_from_intact = False    # if the newest checkpoint is damaged, resume from the newest
                                     # intact one (moving the damaged ones to damaged_checkpoints/)
     c.last_k = 15                   # report the mean test accuracy of the last k epochs
+    c.eval_every = 1                # evaluate after every N-th epoch, and after each of the last
+                                    # last_k epochs (the reported ones) whatever N is
     # Each method's own settings: --config.<method>.<field>.
     for name, fields in methods.defaults().items():
         c[name] = ml_collections.ConfigDict(fields)
