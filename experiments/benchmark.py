@@ -7,9 +7,13 @@
 
 ``run`` trains every variant x seed of a protocol, each in its own process, ``--jobs`` at a time,
 with the machine's cores divided between them (each process pinned to its own cores, XLA told to use
-that many threads). Runs live in ``<workdir>/<protocol>/<variant>/seed<n>``: a finished one is
-skipped, an interrupted one resumes from its checkpoint (Ctrl-C stops the grid; the same command
-goes on). ``report`` rebuilds every table and plot from those run folders alone.
+that many threads). A run trains in ``<workdir>/<protocol>/<variant>/seed<n>`` (checkpoints, its
+log.txt) and, once complete, leaves its records in ``<results>/<protocol>/<variant>/seed<n>``
+(``summary.json``, ``metrics.jsonl``, and for MAXL's seed 0 ``labels.npz``, what its generator
+assigns to each test image): small files, committed. A run with records there is skipped, an
+interrupted one resumes from its checkpoint (Ctrl-C stops the grid; the same command goes on).
+``report`` rebuilds every table and plot from the records alone (the label grids also read the
+test images from the data folder).
 
 ``budget`` trains single-task and MAXL for ``--epochs`` with ``--config.eval_split=validation``
 (images of the unused training set, never the test set) and prints, for each candidate budget E, the
@@ -84,6 +88,9 @@ def _generators(psi, suffix: str) -> dict:
             f"dtg{suffix}": Variant("dtg", psi),
             f"rlaux{suffix}": Variant("rlaux", psi)}
 
+
+#: Where finished runs leave their records (committed; ``--results``).
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "benchmark" / "runs"
 
 _P2, _P5 = (2,) * 26, (5,) * 26
 PROTOCOLS: dict[str, Protocol] = {
@@ -178,26 +185,34 @@ def run_state(run_dir: pathlib.Path) -> str:
     return "new"
 
 
+def _short(path: pathlib.Path) -> str:
+    """``protocol/variant/seedN``: a run folder's last three parts."""
+    return "/".join(pathlib.Path(path).parts[-3:])
+
+
 def _fmt_s(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
-def run_grid(jobs: list[tuple[list[str], pathlib.Path]], n_jobs: int, cores: int | None = None,
+def run_grid(jobs: list[tuple], n_jobs: int, cores: int | None = None,
              log=print, poll_s: float = 1.0) -> dict:
-    """Runs ``(argv, run_dir)`` jobs as subprocesses, ``n_jobs`` at a time, dividing ``cores``.
+    """Runs ``(argv, result_dir[, work_dir])`` jobs as subprocesses, ``n_jobs`` at a time, dividing
+    ``cores``.
 
-    Jobs whose run_dir is done are skipped; the rest run (resuming what they find). Each process
-    is pinned to its share of the cores and its XLA told to use that many threads; its output goes
-    to ``run_dir/log.txt``. Returns ``{"done": [...], "failed": [(run_dir, rc)], "skipped": [...]}``.
+    Jobs whose ``result_dir`` is done (:func:`run_state`) are skipped; the rest run (resuming what
+    they find). Each process is pinned to its share of the cores and its XLA told to use that many
+    threads; its output goes to ``work_dir/log.txt`` (``work_dir`` defaults to ``result_dir``).
+    Returns ``{"done": [...], "failed": [(result_dir, rc)], "skipped": [...]}`` of result dirs.
     On Ctrl-C / SIGTERM the running processes get SIGTERM (they save and stop) and it re-raises.
     """
+    jobs = [(j[0], j[1], j[2] if len(j) > 2 else j[1]) for j in jobs]
     cores = cores or len(os.sched_getaffinity(0))
     n_jobs = max(1, min(n_jobs, cores))
     share = cores // n_jobs
     all_cores = sorted(os.sched_getaffinity(0))[:cores]
     slots = [all_cores[i * share:(i + 1) * share] for i in range(n_jobs)]
-    todo = [(argv, d) for argv, d in jobs if run_state(d) != "done"]
-    result = {"done": [], "failed": [], "skipped": [d for _, d in jobs if run_state(d) == "done"]}
+    todo = [j for j in jobs if run_state(j[1]) != "done"]
+    result = {"done": [], "failed": [], "skipped": [d for _, d, _ in jobs if run_state(d) == "done"]}
     log(f"{len(jobs)} runs: {len(result['skipped'])} finished already, {len(todo)} to run, "
         f"{n_jobs} at a time on {share} core{'s' * (share > 1)} each")
     running: dict[int, tuple] = {}   # slot -> (proc, run_dir, start, logfile)
@@ -208,18 +223,18 @@ def run_grid(jobs: list[tuple[list[str], pathlib.Path]], n_jobs: int, cores: int
             free = [i for i in range(n_jobs) if i not in running]
             while todo and free:
                 slot = free.pop(0)
-                argv, run_dir = todo.pop(0)
-                run_dir.mkdir(parents=True, exist_ok=True)
+                argv, run_dir, work_dir = todo.pop(0)
+                work_dir.mkdir(parents=True, exist_ok=True)
                 env = dict(os.environ, PYTHONUNBUFFERED="1",
                            XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
                                       f"{'true' if share > 1 else 'false'} "
                                       f"intra_op_parallelism_threads={share}").strip())
-                logfile = open(run_dir / "log.txt", "a")
+                logfile = open(work_dir / "log.txt", "a")
                 mine = slots[slot]
                 proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=env,
                                         preexec_fn=lambda c=mine: os.sched_setaffinity(0, c))
                 running[slot] = (proc, run_dir, time.time(), logfile)
-                log(f"  start {run_dir} (cores {mine})")
+                log(f"  start {_short(run_dir)} (cores {mine})")
             time.sleep(poll_s)
             for slot, (proc, run_dir, start, logfile) in list(running.items()):
                 rc = proc.poll()
@@ -234,13 +249,13 @@ def run_grid(jobs: list[tuple[list[str], pathlib.Path]], n_jobs: int, cores: int
                     acc = json.loads((run_dir / "summary.json").read_text())
                     left = len(todo) + len(running)
                     eta = np.mean(durations) * left / n_jobs
-                    log(f"  done  {run_dir} in {_fmt_s(took)}: final test accuracy "
+                    log(f"  done  {_short(run_dir)} in {_fmt_s(took)}: final test accuracy "
                         f"{100 * acc['final_test_accuracy']:.2f}, mean of last {acc['last_k']} "
                         f"{100 * acc['last_k_mean_test_accuracy']:.2f} "
                         f"[{len(result['done'])} done, {left} left, about {_fmt_s(eta)} to go]")
                 else:
                     result["failed"].append((run_dir, rc))
-                    log(f"  FAILED {run_dir} (exit {rc}); its log: {run_dir / 'log.txt'}")
+                    log(f"  FAILED {_short(run_dir)} (exit {rc}); its log: {logfile.name}")
     except BaseException:
         for proc, run_dir, _, logfile in running.values():
             proc.send_signal(signal.SIGTERM)
@@ -250,7 +265,7 @@ def run_grid(jobs: list[tuple[list[str], pathlib.Path]], n_jobs: int, cores: int
             except subprocess.TimeoutExpired:
                 proc.kill()
             logfile.close()
-            log(f"  stopped {run_dir} (it resumes on the next run)")
+            log(f"  stopped {_short(run_dir)} (it resumes on the next run)")
         raise
     log(f"grid finished in {_fmt_s(time.time() - t0)}: {len(result['done'])} ran, "
         f"{len(result['failed'])} failed, {len(result['skipped'])} were finished already")
@@ -445,6 +460,64 @@ def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> list[path
     return paths
 
 
+def plot_label_grid(record: dict, images: np.ndarray, names, path: pathlib.Path, title: str,
+                    per_class: int = 4) -> None:
+    """One row per primary class; in it, for each of its auxiliary classes, the ``per_class`` test
+    images the generator assigns to it most confidently (argmax), and the effective number of
+    auxiliary classes the row uses. A class no image is assigned to is left blank."""
+    psi = np.asarray(record["psi"])
+    starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
+    cols = int(psi.max()) * per_class
+    fig = _figure((1.6 + 0.42 * cols, 0.5 + 0.46 * len(psi)))
+    grid = fig.add_gridspec(len(psi), cols + 1, wspace=0.05, hspace=0.1,
+                            width_ratios=[3.5] + [1] * cols)
+    for c, (start, n) in enumerate(zip(starts, psi)):
+        lab = fig.add_subplot(grid[c, 0])
+        lab.axis("off")
+        lab.text(0, 0.5, f"{names[c]}  eff {record['effective'][c]:.1f}/{n}", fontsize=7,
+                 va="center")
+        for j in range(n):
+            idx = np.flatnonzero((record["argmax"] == start + j) & (record["primary"] == c))
+            idx = idx[np.argsort(-record["confidence"][idx].astype(np.float32))][:per_class]
+            for i in range(per_class):
+                ax = fig.add_subplot(grid[c, 1 + j * per_class + i])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_visible(i == 0)
+                if i < len(idx):
+                    ax.imshow(images[idx[i]].squeeze(), cmap="gray_r")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+
+
+def plot_labels(protocol: str, results: pathlib.Path, out: pathlib.Path, data_dir=None) -> list:
+    """The label grid of every variant whose seed 0 left a ``labels.npz`` (needs the test images:
+    skipped, saying so, when the data folder is absent)."""
+    from maxl_jax import data as data_lib
+
+    spec = PROTOCOLS[protocol]
+    records = [(v, results / protocol / v / "seed0" / "labels.npz") for v in spec.variants]
+    records = [(v, f) for v, f in records if f.is_file()]
+    if not records:
+        return []
+    try:
+        ds = data_lib.load_dataset(spec.dataset, data_dir=data_dir or str(shared_data_root() /
+                                                                         spec.data_subdir))
+    except (data_lib.DatasetNotFoundError, ValueError) as e:
+        print(f"label grids of {protocol} skipped: no test images ({e})", file=sys.stderr)
+        return []
+    paths = []
+    for variant, f in records:
+        rec = dict(np.load(f))
+        path = out / f"{protocol}_{variant}_labels.png"
+        plot_label_grid(rec, ds.test.images, ds.primary_names, path,
+                        f"{protocol} / {variant} (seed 0): test images per generated class, most "
+                        f"confident first")
+        paths.append(path)
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------------
@@ -469,25 +542,44 @@ def _one(args) -> int:
         print(e.message, flush=True)
         return 143
     state = summary.pop("state")
-    if (config.method == "maxl" and args.seed == 0 and args.eval_split == "test"
-            and not (run_dir / "test_labels.npz").exists()):
-        from experiments import study
-        np.savez(run_dir / "test_labels.npz", **study.generated_test_labels(config, state))
+    out = pathlib.Path(args.result_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.method == "maxl" and args.seed == 0 and args.eval_split == "test":
+        np.savez_compressed(out / "labels.npz", **label_record(config, state))
+    (out / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    tmp = out / "summary.json.tmp"   # last, and atomically: a summary means the records are whole
+    tmp.write_text((run_dir / "summary.json").read_text())
+    tmp.replace(out / "summary.json")
     return 0
 
 
-def _jobs(protocol: str, workdir: pathlib.Path, args, seeds=None, only=(), eval_split="test",
-          epochs=0, eval_every=EVAL_EVERY) -> list:
+def label_record(config, state) -> dict:
+    """What a MAXL generator assigns to each test image, compactly: the argmax auxiliary class and
+    its probability per image, and per primary class the effective number of auxiliary classes in
+    use, how many win an argmax and the mean label entropy (``study.generated_label_summary``)."""
+    from experiments import study
+
+    d = study.generated_test_labels(config, state)
+    eff, won, ent, counts, owner = study.generated_label_summary(d["soft"], d["primary"], d["psi"])
+    return {"argmax": d["soft"].argmax(1).astype(np.int16),
+            "confidence": d["soft"].max(1).astype(np.float16), "primary": d["primary"],
+            "psi": d["psi"], "effective": eff, "won": won, "entropy": ent, "counts": counts}
+
+
+def _jobs(protocol: str, workdir: pathlib.Path, results: pathlib.Path, args, seeds=None, only=(),
+          eval_split="test", epochs=0, eval_every=EVAL_EVERY) -> list:
     out = []
     for variant, seed in cells(protocol, only=only, seeds=seeds):
         run_dir = workdir / protocol / variant / f"seed{seed}"
+        result_dir = results / protocol / variant / f"seed{seed}"
         argv = [sys.executable, "-m", "experiments.benchmark", "one", f"--protocol={protocol}",
                 f"--variant={variant}", f"--seed={seed}", f"--run-dir={run_dir}",
+                f"--result-dir={result_dir}",
                 f"--width={args.width}", f"--epochs={epochs}", f"--eval-split={eval_split}",
                 f"--eval-every={eval_every}"]
         if args.data_dir:
             argv.append(f"--data-dir={args.data_dir}")
-        out.append((argv, run_dir))
+        out.append((argv, result_dir, run_dir))
     return out
 
 
@@ -505,7 +597,10 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workdir", default="runs/benchmark", help="where the runs go")
+    common.add_argument("--workdir", default="runs/benchmark",
+                        help="where the runs train (checkpoints, logs)")
+    common.add_argument("--results", default=str(RESULTS),
+                        help="where finished runs leave their records (committed)")
     common.add_argument("--data-dir", default="", help="the protocol's data folder (default: "
                         "$MAXL_SHARED_DATA/<emnist_letters|fashion_mnist>)")
     common.add_argument("--width", type=int, default=16, help="small CNN first-block filters")
@@ -529,11 +624,13 @@ def main(argv=None) -> int:
     p_one.add_argument("--variant", required=True)
     p_one.add_argument("--seed", type=int, required=True)
     p_one.add_argument("--run-dir", required=True)
+    p_one.add_argument("--result-dir", required=True)
     p_one.add_argument("--epochs", type=int, default=0)
     p_one.add_argument("--eval-split", default="test")
     p_one.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     args = parser.parse_args(argv)
     workdir = pathlib.Path(args.workdir).absolute()
+    results = pathlib.Path(args.results).absolute()
 
     def ints(text, what):
         try:
@@ -545,8 +642,11 @@ def main(argv=None) -> int:
         return _one(args)
     if args.command == "list":
         for variant, seed in cells(args.protocol):
-            print(f"{run_state(workdir / args.protocol / variant / f'seed{seed}'):8s} "
-                  f"{variant} seed {seed}")
+            state = run_state(results / args.protocol / variant / f"seed{seed}")
+            if state != "done":
+                state = run_state(workdir / args.protocol / variant / f"seed{seed}")
+                state = "partial" if state != "new" else state
+            print(f"{state:8s} {variant} seed {seed}")
         return 0
     if args.command == "run":
         only = tuple(x.strip() for x in args.only.split(",") if x.strip())
@@ -557,7 +657,7 @@ def main(argv=None) -> int:
         _check_data(args.protocol, args.data_dir)
         seeds = ints(args.seeds, "seeds") or None
         try:
-            res = run_grid(_jobs(args.protocol, workdir, args, seeds, only), args.jobs)
+            res = run_grid(_jobs(args.protocol, workdir, results, args, seeds, only), args.jobs)
         except KeyboardInterrupt:
             print("Stopped: the same command resumes the grid.", file=sys.stderr)
             return 130
@@ -565,10 +665,11 @@ def main(argv=None) -> int:
     if args.command == "budget":
         _check_data(args.protocol, args.data_dir)
         spec = PROTOCOLS[args.protocol]
-        bud = workdir / "budget"
+        bud = results / "budget"
+        bud.mkdir(parents=True, exist_ok=True)
         seeds = ints(args.seeds, "seeds")
-        jobs = _jobs(args.protocol, bud, args, seeds, spec.budget_variants, "validation",
-                     args.epochs, eval_every=1)
+        jobs = _jobs(args.protocol, workdir / "budget", bud, args, seeds, spec.budget_variants,
+                     "validation", args.epochs, eval_every=1)
         try:
             run_grid(jobs, args.jobs)
         except KeyboardInterrupt:
@@ -581,23 +682,26 @@ def main(argv=None) -> int:
                                .read_text())
                 curves[f"{variant} seed {seed}"] = 100 * np.array(s["test_accuracy"], float)
         md, chosen = budget_table(curves, range(10, args.epochs + 1, 10))
-        print(f"{args.protocol}: validation accuracy ({spec.dataset}, eval_split=validation)\n")
-        print(md)
-        print(f"smallest budget within 0.3 points of every curve's best: {chosen} epochs")
+        text = (f"{args.protocol}: validation accuracy (%) of {', '.join(curves)} "
+                f"({spec.dataset}, eval_split=validation, {args.epochs} epochs)\n\n{md}\n"
+                f"smallest budget within 0.3 points of every curve's best: {chosen} epochs\n")
+        print(text)
+        (bud / f"{args.protocol}.md").write_text(text)
         return 0
     if args.command == "report":
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for protocol in args.protocol or sorted(PROTOCOLS):
-            results = collect(protocol, workdir)
-            md, rows = leaderboard(protocol, results)
+            found = collect(protocol, results)
+            md, rows = leaderboard(protocol, found)
             (out / f"{protocol}.md").write_text(md)
             (out / f"{protocol}.json").write_text(json.dumps(
                 {v: {str(k): {f: s[f] for f in ("final_test_accuracy", "last_k_mean_test_accuracy",
                                                  "test_accuracy", "train_time_s", "epochs",
                                                  "steps_per_epoch", "method", "seed")}
-                     for k, s in runs.items()} for v, runs in results.items()}, indent=1))
+                     for k, s in runs.items()} for v, runs in found.items()}, indent=1))
             plot_report(protocol, rows, out)
+            plot_labels(protocol, results, out, args.data_dir or None)
             print(f"## {protocol}\n\n{md}")
         return 0
     return 2

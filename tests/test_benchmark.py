@@ -169,3 +169,43 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no data folder"):
         B.main(["run", "--protocol=fmnist10_low", f"--data-dir={tmp_path / 'absent'}",
                 f"--workdir={tmp_path}"])
+
+
+def test_a_maxl_cell_trains_leaves_its_records_and_the_report_draws_them(tmp_path):
+    """`one` on a small EMNIST-shaped data set (2,080 training images, so the protocol's 5% is one
+    batch): the records (summary.json, metrics.jsonl, labels.npz) land in the results folder, the
+    checkpoints stay in the work folder, and `report` builds the leaderboard and the label grid
+    from the records and the data folder alone."""
+    import gzip
+
+    from maxl_jax import data as D
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "emnist"
+    data.mkdir()
+    for split, n in (("train", 2080), ("test", 104)):
+        img_name, lbl_name = D.EMNIST_LETTERS_FILES["upright"][split]
+        for name, arr in ((img_name, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                          (lbl_name, (np.arange(n) % 26).astype(np.uint8))):
+            header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(
+                d.to_bytes(4, "big") for d in arr.shape)
+            with gzip.open(data / name, "wb") as f:
+                f.write(header + arr.tobytes())
+    results, work = tmp_path / "results", tmp_path / "work"
+    rc = B.main(["one", "--protocol=emnist_letters_low", "--variant=maxl_psi2", "--seed=0",
+                 f"--run-dir={work / 'x'}", f"--result-dir={results / 'emnist_letters_low' / 'maxl_psi2' / 'seed0'}",
+                 "--epochs=2", "--width=4", f"--data-dir={data}"])
+    assert rc == 0
+    out = results / "emnist_letters_low" / "maxl_psi2" / "seed0"
+    assert sorted(p.name for p in out.iterdir()) == ["labels.npz", "metrics.jsonl", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["epochs"] == 2 and summary["config"]["psi"] == [2] * 26
+    labels = np.load(out / "labels.npz")
+    assert labels["argmax"].shape == (104,) and labels["effective"].shape == (26,)
+    assert np.all(labels["argmax"] // 2 == labels["primary"])  # inside the letter's own block
+    assert B.run_state(out) == "done" and (work / "x" / "checkpoints").is_dir()
+    report = tmp_path / "report"
+    assert B.main(["report", "--protocol=emnist_letters_low", f"--results={results}",
+                   f"--out={report}", f"--data-dir={data}"]) == 0
+    assert (report / "emnist_letters_low.md").read_text().count("maxl_psi2") == 1
+    assert (report / "emnist_letters_low_maxl_psi2_labels.png").stat().st_size > 5000
