@@ -23,7 +23,8 @@ def test_every_method_runs_in_every_protocol_with_its_defaults():
     base = default.get_config()
     for name, spec in B.PROTOCOLS.items():
         used = {v.method for v in spec.variants.values()}
-        expected = set(methods.names()) - ({"human"} if name != "fmnist_coarse_low" else set())
+        has_fine = spec.dataset in ("cifar100", "fashion_mnist_coarse")
+        expected = set(methods.names()) - (set() if has_fine else {"human"})
         assert used == expected, name
         for variant in spec.variants:
             c = B.cell_config(name, variant, 1, data_dir="/d")
@@ -34,6 +35,7 @@ def test_every_method_runs_in_every_protocol_with_its_defaults():
                     assert c[m].to_dict() == base[m].to_dict(), (name, variant, m)
             assert c.method == v.method and c.seed == 1 and c.psi == v.psi
             assert c.last_k == max(1, c.epochs // 10) and c.eval_split == "test"
+            assert c.arch == ("vgg16" if spec.accelerator else "small")
 
 
 def test_the_issue_variants_are_there():
