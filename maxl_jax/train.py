@@ -586,6 +586,11 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     state = state.replace(sums=distributed.put(zero_sums, rep))
     ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, method, held_ident),
                         config.keep_checkpoints)
+    if ckpt.latest_step() is None and config.get("resume_step"):
+        raise CheckpointError(
+            f"--config.resume_step={config.resume_step} asks to resume from the checkpoint of step "
+            f"{config.resume_step}, but {ckpt.directory} holds no checkpoint: drop "
+            f"--config.resume_step to start this run, or point --workdir at the run to resume")
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, step=config.get("resume_step") or None,
                              fallback=bool(config.get("resume_from_intact", False)), log=log)

@@ -39,6 +39,7 @@ _RANGES: dict[str, tuple[str, float | None, bool]] = {
     "keep_checkpoints": ("int", 1, True),
     "last_k": ("int", 1, True),
     "eval_every": ("int", 1, True),
+    "resume_step": ("int", 0, True),
     "validation_size": ("int", 1, True),
     "width": ("int", 0, True),
     "head_width": ("int", 0, True),
@@ -55,6 +56,7 @@ _HINTS = {
     "head_width": "0 means the architecture's default",
     "inner_lr": "0 turns the meta step's look-ahead off",
     "eval_every": "1 evaluates after every epoch",
+    "resume_step": "0 resumes from the newest checkpoint",
 }
 
 

@@ -211,3 +211,13 @@ def test_a_maxl_cell_trains_leaves_its_records_and_the_report_draws_them(tmp_pat
                    f"--out={report}", f"--data-dir={data}"]) == 0
     assert (report / "emnist_letters_low.md").read_text().count("maxl_psi2") == 1
     assert (report / "emnist_letters_low_maxl_psi2_labels.png").stat().st_size > 5000
+
+
+def test_compact_records_keeps_every_field_at_five_digits():
+    """Every record and key is kept; numbers (nested in dicts and lists too) keep 5 significant
+    digits; integers and strings are untouched."""
+    text = json.dumps({"epoch": 3, "train": {"loss": 0.123456789, "usage": [1.23456789, 2]},
+                       "name": "x"}) + "\n\n" + json.dumps({"epoch": 4}) + "\n"
+    lines = [json.loads(l) for l in B.compact_records(text).splitlines()]
+    assert lines == [{"epoch": 3, "train": {"loss": 0.12346, "usage": [1.2346, 2]}, "name": "x"},
+                     {"epoch": 4}]

@@ -123,3 +123,30 @@ def test_bad_form_and_steps_are_rejected():
                            form="forward_over_reverse")
     with pytest.raises(ValueError, match="inner steps must be >= 1"):
         meta.meta_gradient(inner_loss, outer_loss, params, hyper, optax.sgd(0.1), steps=0)
+
+
+def test_a_loss_without_aux_is_a_clear_type_error():
+    """meta_gradient's losses return (scalar, aux): a bare scalar, or a non-scalar first entry, is
+    a TypeError naming the loss and the fix, before anything is differentiated."""
+    import optax
+
+    from maxl_jax.meta import unroll
+
+    params, hyper = {"w": jnp.ones(3)}, jnp.ones(3)
+
+    def good(p, h):
+        return jnp.sum(p["w"] * h), None
+
+    def scalar(p, h):
+        return jnp.sum(p["w"] * h)
+
+    def vector(p, h):
+        return p["w"] * h, None
+
+    with pytest.raises(TypeError, match=r"inner_loss\(params, hyper\) must return \(scalar loss, "
+                       r"aux pytree\); it returned shape \(\)\. Return `\(loss, None\)`"):
+        unroll.meta_gradient(scalar, good, params, hyper, optax.sgd(0.1))
+    with pytest.raises(TypeError, match=r"outer_loss.*a tuple of 2"):
+        unroll.meta_gradient(good, vector, params, hyper, optax.sgd(0.1))
+    res = unroll.meta_gradient(good, good, params, hyper, optax.sgd(0.1))
+    assert res.grad_hyper.shape == (3,)

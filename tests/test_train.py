@@ -272,3 +272,14 @@ def test_eval_every_evaluates_every_nth_and_the_reported_last_k_epochs(tmp_path)
     assert sparse["last_k_mean_test_accuracy"] == pytest.approx(np.mean(acc[-2:]))
     assert sparse["final_test_accuracy"] == acc[5] and sparse["complete"]
     np.testing.assert_array_equal(flat_params(sparse["state"]), flat_params(dense["state"]))
+
+
+def test_resume_step_needs_a_checkpoint_and_is_not_negative(tmp_path):
+    """--config.resume_step=-1 is refused by the config check; a positive one on a workdir without
+    checkpoints is refused instead of training from scratch."""
+    from maxl_jax import validation
+
+    with pytest.raises(validation.ConfigError, match=r"resume_step=-1 is out of range.*>= 0"):
+        run(tiny_config(method="single", resume_step=-1), tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"resume_step=6 .* holds no checkpoint: drop"):
+        run(tiny_config(method="single", resume_step=6), tmp_path / "b")

@@ -74,6 +74,21 @@ def unrolled_update(loss_fn: Callable[[PyTree], tuple[jax.Array, PyTree]], param
     return params, first[0], first[1]
 
 
+def check_loss_contract(loss: LossFn, params: PyTree, hyper: PyTree, name: str) -> None:
+    """Raises ``TypeError`` unless ``loss(params, hyper)`` returns ``(scalar, aux)`` (checked on
+    shapes alone with ``jax.eval_shape``: nothing is computed)."""
+    out = jax.eval_shape(loss, params, hyper)
+    ok = (isinstance(out, tuple) and len(out) == 2 and hasattr(out[0], "shape")
+          and out[0].shape == ())
+    if not ok:
+        got = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else
+               f"shape {out.shape}" if hasattr(out, "shape") else type(out).__name__)
+        hint = (" Return `(loss, None)` if it has nothing else to report."
+                if hasattr(out, "shape") and out.shape == () else "")
+        raise TypeError(f"{name}(params, hyper) must return (scalar loss, aux pytree); it "
+                        f"returned {got}.{hint}")
+
+
 def meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: PyTree, hyper: PyTree,
                   optimizer: optax.GradientTransformation, *, steps: int = 1,
                   form: str = "reverse") -> MetaGradient:
@@ -94,6 +109,8 @@ def meta_gradient(inner_loss: LossFn, outer_loss: LossFn, params: PyTree, hyper:
     """
     if form not in FORMS:
         raise ValueError(f"unknown meta-gradient form {form!r}; choose one of {FORMS}")
+    check_loss_contract(inner_loss, params, hyper, "inner_loss")
+    check_loss_contract(outer_loss, params, hyper, "outer_loss")
     if form == "reverse":
         return _reverse(inner_loss, outer_loss, params, hyper, optimizer, steps)
     if steps != 1:
