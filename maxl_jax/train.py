@@ -832,10 +832,26 @@ def _raise_non_finite(pending, method: Method, epoch: int):
     bad = {n: float(np.asarray(metrics[n]).ravel()[0]) for n in names
            if not np.all(np.isfinite(np.asarray(metrics[n])))}
     what = ", ".join(f"{n}={v}" for n, v in bad.items()) or "parameters or BatchNorm statistics"
+    meta_rate = _meta_rate_flag(method)
+    if kind == "train":
+        rates = "the learning rate (--config.lr)"
+        if method.has_meta:
+            rates += (f" or the meta step's ({meta_rate}: what the meta step learns enters every "
+                      f"training step)")
+    else:
+        rates = f"the meta step's learning rate ({meta_rate})"
     raise NonFiniteError(
         f"non-finite {what} at {kind} step {counter} (epoch {epoch + 1}); training stopped and the "
-        f"last finite checkpoint kept. Lower the learning rate (--config.lr) or check the input "
-        f"data.")
+        f"last finite checkpoint kept. Lower {rates}, or check the input data.")
+
+
+def _meta_rate_flag(method: Method) -> str:
+    """The flag of the rate a method's meta step learns at."""
+    fields = type(method).defaults()
+    for field in ("meta_lr", "ppo_lr"):
+        if field in fields:
+            return f"--config.{method.name}.{field}"
+    return "--config.generator_lr"
 
 
 def _to_json(x):

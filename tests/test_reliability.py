@@ -214,12 +214,21 @@ def test_a_non_finite_step_is_never_saved_and_stops_with_one_message(tmp_path, c
               "--config.checkpoint_every_steps=1")
     assert out.returncode == 1, out.stderr[-3000:]
     assert "non-finite" in out.stderr and "Traceback" not in out.stderr
+    assert "Lower the learning rate (--config.lr)," in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 4, out.stderr
     checkpoints = tmp_path / "checkpoints"
     for step in (p.name for p in checkpoints.iterdir() if p.name.isdigit()):
         state = read_state(checkpoints, int(step))
         assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state)
                    if np.issubdtype(np.asarray(x).dtype, np.floating)), step
+
+
+def test_a_non_finite_meta_rate_is_named(tmp_path, cache):
+    """MAXL with --config.generator_lr=1e12 stops non-finite naming --config.generator_lr (the rate
+    that is the likely cause), not only --config.lr."""
+    out = cli(tmp_path, cache, "--method=maxl", "--config.generator_lr=1e12")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "non-finite" in out.stderr and "--config.generator_lr" in out.stderr, out.stderr
 
 
 def test_a_failing_save_stops_the_run_with_a_clear_message_without_hanging(tmp_path, monkeypatch):
