@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maxl_jax import precision
 from maxl_jax.conv import Conv3x3
@@ -335,6 +336,11 @@ def make_networks(arch: str, num_primary: int, num_auxiliary: int, generator_cla
     ``loss_scale``: both networks' compute precision (``maxl_jax.precision``; parameters stay
     float32 and the logits come out float32).
     """
+    for name, value, low in (("num_primary", num_primary, 1), ("num_auxiliary", num_auxiliary, 0),
+                             ("generator_classes", generator_classes, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"make_networks: {name}={value!r} must be an integer >= {low} (the "
+                             f"number of {'primary classes' if low else 'classes of that head'})")
     f_backbone = make_backbone(arch, XAVIER_UNIFORM, conv_impl, width, dtype, loss_scale)
     g_backbone = make_backbone(arch, XAVIER_NORMAL, conv_impl, width, dtype, loss_scale)
     if head_width is None:

@@ -3,6 +3,8 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import re
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,16 @@ def test_max_pool_2x2_equals_flax_max_pool_forward_and_gradient_after_relu(shape
     assert np.count_nonzero(np.asarray(g_ours)) > 0
     hvp = lambda p: jax.jvp(jax.grad(lambda z: loss(p, z)), (z,), (v,))[1]  # noqa: E731
     np.testing.assert_allclose(hvp(models.max_pool_2x2), hvp(flax_pool), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(num_primary=0), "num_primary=0"),
+                                         (dict(num_auxiliary=-1), "num_auxiliary=-1"),
+                                         (dict(generator_classes=2.5), "generator_classes=2.5")])
+def test_make_networks_refuses_impossible_class_counts(kwargs, name):
+    """A head of no primary classes, or of a negative or fractional size, is a ValueError naming
+    the argument, not a Flax error at init."""
+    from maxl_jax import make_networks
+
+    args = dict(num_primary=4, num_auxiliary=20, generator_classes=20) | kwargs
+    with pytest.raises(ValueError, match=f"make_networks: {re.escape(name)} must be an integer"):
+        make_networks("small", **args)
