@@ -1,10 +1,10 @@
 """Networks: reference parameter counts and initialisation, shapes, BatchNorm as PyTorch computes it."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import re
-
 import numpy as np
 import pytest
 
