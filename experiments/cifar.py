@@ -56,11 +56,60 @@ USER_ERRORS = (ValueError, data_lib.DatasetNotFoundError, data_lib.DatasetCorrup
                CheckpointError, distributed.PeerError)
 
 
+def _flag_error(message: str) -> None:
+    print(f"\nError: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a user's mistake as one paragraph and exit status 2: an unknown
+    flag, a misspelled config field (with ml_collections' "did you mean"), a config file that does
+    not load. ``--traceback`` (or MAXL_TRACEBACK=1) shows the traceback instead."""
+    show = "--traceback" in argv or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if show:
+            raise
+        _flag_error(f"{e}. `python -m experiments.cifar --helpshort` lists the flags.")
+    except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+        if show:
+            raise
+        inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else e
+        text = str(inner.args[0] if inner.args else inner)
+        key, _, hint = text.partition("\n")
+        key = key.strip("'\"")
+        given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                 and key in a.split("=")[0].split(".")[1:]]
+        where = given[0] if given else f"--config.{key}"
+        _flag_error(f"{where}: the config has no field {key!r}. {hint} The fields are those of the "
+                    f"config file (experiments/configs/default.py lists every one, with what it "
+                    f"means); each method's own are --config.<method>.<field>.".replace("  ", " "))
+    except OSError as e:  # the config file itself
+        if show:
+            raise
+        _config_file_error(e, argv)
+
+
+def _config_file_error(e: OSError, argv) -> None:
+    path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+    reason = str(e).strip().splitlines()[-1].strip()
+    _flag_error(f"--config={path}: the config file does not load ({reason}). Give the path of a "
+                f"config file, e.g. experiments/configs/default.py, cpu.py or tiny.py.")
+
+
 def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax logs every save, TFDS every probe of a data dir
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+        _flag_error(f"unexpected arguments {argv[1:]}: every setting is a flag (--name=value, "
+                    f"--config.field=value); `python -m experiments.cifar --helpshort` lists them.")
+    try:
+        config = _CONFIG.value
+        "method" in config  # noqa: B015 - the config file is loaded on first use: fail here
+    except OSError as e:
+        if _TRACEBACK.value or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0"):
+            raise
+        _config_file_error(e, sys.argv)
     if _METHOD.value:
         config.method = _METHOD.value
     show_traceback = _TRACEBACK.value or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
@@ -110,4 +159,4 @@ def warn_ignored(config) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

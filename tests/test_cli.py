@@ -56,3 +56,25 @@ def test_re_running_a_finished_run_says_so_and_changes_nothing(tmp_path):
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")
              if p.is_file()}
     assert after == before
+
+
+def test_flag_and_config_mistakes_are_one_paragraph_with_exit_2(tmp_path):
+    """A misspelled config field (with the suggestion), a misspelled method field, a config file
+    that does not exist, an unknown flag and a stray argument: each one paragraph, exit 2, nothing
+    trained and no workdir made."""
+    cases = {
+        ("--config=experiments/configs/tiny.py", "--config.epoch=3"):
+            '--config.epoch: the config has no field \'epoch\'. Did you mean "epochs"',
+        ("--config=experiments/configs/tiny.py", "--config.wamal.no_such=1"):
+            "--config.wamal.no_such: the config has no field 'no_such'",
+        ("--config=experiments/configs/nope.py",):
+            "--config=experiments/configs/nope.py: the config file does not load",
+        ("--nosuchflag",): "Unknown command line flag 'nosuchflag'",
+        ("stray",): "unexpected arguments ['stray']",
+    }
+    for flags, message in cases.items():
+        out = entry_point(*flags, f"--workdir={tmp_path / 'w'}", cwd=ROOT)
+        assert out.returncode == 2, (flags, out.stderr[-2000:])
+        assert message in out.stderr and "Traceback" not in out.stderr, (flags, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, (flags, out.stderr)
+    assert not (tmp_path / "w").exists()
