@@ -426,7 +426,7 @@ def leaderboard(protocol: str, results: dict) -> tuple[str, list[dict]]:
         return f"### {protocol}: no finished runs yet\n", rows
     r0 = rows[0]
     lines = [f"| # | variant | seeds | test acc., mean of last {r0['last_k']} epochs | final epoch "
-             f"| minus single, paired (95% CI) | CI excludes 0 | train time / single |",
+             f"| minus single, paired (95% CI) | CI excludes 0 | training time / single (grid wall time: noisy, see the cost table) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, r in enumerate(rows, 1):
         d = r["diff"]
