@@ -278,8 +278,12 @@ def run_grid(jobs: list[tuple], n_jobs: int, cores: int | None = None,
                                       f"intra_op_parallelism_threads={share}").strip())
                 logfile = open(work_dir / "log.txt", "a")
                 mine = slots[slot]
-                proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=lambda c=mine: os.sched_setaffinity(0, c))
+                # Pinned from here, not in a preexec_fn (unsafe in a process with threads).
+                proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=env)
+                try:
+                    os.sched_setaffinity(proc.pid, mine)
+                except OSError:  # it has ended already
+                    pass
                 running[slot] = (proc, run_dir, time.time(), logfile)
                 log(f"  start {_short(run_dir)} (cores {mine})")
             time.sleep(poll_s)
