@@ -574,6 +574,21 @@ def plot_labels(protocol: str, results: pathlib.Path, out: pathlib.Path, data_di
 # ---------------------------------------------------------------------------------------------------
 
 
+def embed(path: pathlib.Path, protocol: str, table: str) -> bool:
+    """Replaces the text between ``<!-- benchmark:PROTOCOL -->`` and the next ``<!-- /benchmark -->``
+    in ``path`` by ``table``; returns whether the file has such a block."""
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    start = f"<!-- benchmark:{protocol} -->"
+    i = text.find(start)
+    j = text.find("<!-- /benchmark -->", i + 1) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return False
+    path.write_text(text[:i + len(start)] + "\n" + table + text[j:])
+    return True
+
+
 def _one(args) -> int:
     """Trains one cell in this process (the grid's worker)."""
     from absl import logging
@@ -689,6 +704,9 @@ def main(argv=None) -> int:
     p_rep = sub.add_parser("report", parents=[common], help="tables and plots from the run files")
     p_rep.add_argument("--protocol", choices=sorted(PROTOCOLS), action="append")
     p_rep.add_argument("--out", default="docs/results/benchmark")
+    p_rep.add_argument("--markdown", default=str(RESULTS.parents[2] / "RESULTS.md"),
+                       help="a file whose <!-- benchmark:PROTOCOL --> ... <!-- /benchmark --> "
+                            "blocks get each protocol's table ('' : none)")
     p_one = sub.add_parser("one", parents=[common], help=argparse.SUPPRESS)
     p_one.add_argument("--protocol", required=True)
     p_one.add_argument("--variant", required=True)
@@ -773,6 +791,8 @@ def main(argv=None) -> int:
             plot_report(protocol, rows, out)
             plot_labels(protocol, results, out, args.data_dir or None)
             print(f"## {protocol}\n\n{md}")
+            if args.markdown:
+                embed(pathlib.Path(args.markdown), protocol, md)
         return 0
     return 2
 

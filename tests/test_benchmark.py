@@ -208,7 +208,7 @@ def test_a_maxl_cell_trains_leaves_its_records_and_the_report_draws_them(tmp_pat
     assert B.run_state(out) == "done" and (work / "x" / "checkpoints").is_dir()
     report = tmp_path / "report"
     assert B.main(["report", "--protocol=emnist_letters_low", f"--results={results}",
-                   f"--out={report}", f"--data-dir={data}"]) == 0
+                   f"--out={report}", f"--data-dir={data}", "--markdown="]) == 0
     assert (report / "emnist_letters_low.md").read_text().count("maxl_psi2") == 1
     assert (report / "emnist_letters_low_maxl_psi2_labels.png").stat().st_size > 5000
 
@@ -221,3 +221,15 @@ def test_compact_records_keeps_every_field_at_five_digits():
     lines = [json.loads(l) for l in B.compact_records(text).splitlines()]
     assert lines == [{"epoch": 3, "train": {"loss": 0.12346, "usage": [1.2346, 2]}, "name": "x"},
                      {"epoch": 4}]
+
+
+def test_embed_replaces_only_its_protocols_block(tmp_path):
+    """The report rewrites the text between a protocol's markers and leaves the rest (another
+    protocol's block too) as it was; a file without the markers is left alone."""
+    doc = tmp_path / "R.md"
+    doc.write_text("intro\n<!-- benchmark:a -->\nold a\n<!-- /benchmark -->\nmiddle\n"
+                   "<!-- benchmark:b -->\nold b\n<!-- /benchmark -->\nend\n")
+    assert B.embed(doc, "a", "| new |\n")
+    assert doc.read_text() == ("intro\n<!-- benchmark:a -->\n| new |\n<!-- /benchmark -->\nmiddle\n"
+                               "<!-- benchmark:b -->\nold b\n<!-- /benchmark -->\nend\n")
+    assert not B.embed(doc, "c", "x") and not B.embed(tmp_path / "absent.md", "a", "x")
