@@ -160,6 +160,8 @@ CPU_PROTOCOLS = tuple(k for k, v in PROTOCOLS.items() if not v.accelerator)
 
 
 def shared_data_root() -> pathlib.Path:
+    """``maxl_jax.data.shared_data_dir``'s folder, whether it exists or not, without importing JAX
+    (the grid's parent process stays free of its threads: it forks the runs)."""
     return pathlib.Path(os.environ.get("MAXL_SHARED_DATA") or
                         pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -187,12 +189,7 @@ def cell_config(protocol: str, variant: str, seed: int, *, data_dir: str | None 
     c.method, c.seed, c.psi, c.aux_tasks = v.method, int(seed), tuple(v.psi), v.aux_tasks
     if not spec.accelerator:
         c.width = width
-    for field, value in v.overrides:
-        node = c
-        *parents, leaf = field.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(dict(v.overrides))
     c.epochs = epochs or spec.epochs
     c.last_k = max(1, c.epochs // 10)      # the headline: mean test accuracy of the last 10% epochs
     c.eval_batch_size = 1040               # divides EMNIST's 20,800 and rounds FMNIST's 10,000 up
@@ -606,7 +603,7 @@ def _one(args) -> int:
         summary = train.train_and_evaluate(config, run_dir, progress=False)
     except train.Interrupted as e:
         print(e.message, flush=True)
-        return 143
+        return 143 if e.signum == signal.SIGTERM else 130
     state = summary.pop("state")
     out = pathlib.Path(args.result_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,12 @@ USER_ERRORS = (ValueError, data_lib.DatasetNotFoundError, data_lib.DatasetCorrup
                CheckpointError, distributed.PeerError)
 
 
+def _wants_traceback(argv=()) -> bool:
+    """--traceback among ``argv`` (or parsed), or MAXL_TRACEBACK set to anything but 0."""
+    flag = "--traceback" in argv or (flags.FLAGS.is_parsed() and _TRACEBACK.value)
+    return flag or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
+
+
 def _flag_error(message: str) -> None:
     print(f"\nError: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -65,7 +71,7 @@ def parse_flags(argv):
     """absl's flag parsing, with a user's mistake as one paragraph and exit status 2: an unknown
     flag, a misspelled config field (with ml_collections' "did you mean"), a config file that does
     not load. ``--traceback`` (or MAXL_TRACEBACK=1) shows the traceback instead."""
-    show = "--traceback" in argv or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
+    show = _wants_traceback(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -107,12 +113,12 @@ def main(argv):
         config = _CONFIG.value
         "method" in config  # noqa: B015 - the config file is loaded on first use: fail here
     except OSError as e:
-        if _TRACEBACK.value or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0"):
+        if _wants_traceback():
             raise
         _config_file_error(e, sys.argv)
     if _METHOD.value:
         config.method = _METHOD.value
-    show_traceback = _TRACEBACK.value or os.environ.get("MAXL_TRACEBACK", "") not in ("", "0")
+    show_traceback = _wants_traceback()
     try:  # before any JAX computation
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:

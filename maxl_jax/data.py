@@ -196,6 +196,11 @@ class Split:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def subset(self, idx: np.ndarray) -> "Split":
+        """The examples ``idx`` of this split, as a new split."""
+        return Split(images=self.images[idx], primary=self.primary[idx],
+                     human_aux=None if self.human_aux is None else self.human_aux[idx])
+
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity eq/hash (fields hold arrays)
 class Dataset:
@@ -725,8 +730,6 @@ def load_dataset(
         fine_to_aux, psi = None, None
 
     splits = {}
-    if eval_split == "validation":
-        raw = {"train": raw["train"], "test": raw["train"]}  # cut from the unused part below
     for split in ("train", "test"):
         images = np.ascontiguousarray(raw[split]["image"], dtype=np.uint8)
         fine = raw[split]["label"].astype(np.int64)
@@ -740,15 +743,17 @@ def load_dataset(
             human_aux = fine_to_aux[fine].astype(np.int32)
         else:
             primary, human_aux = fine.astype(np.int32), None
-        if train_fraction < 1.0 and (split == "train" or eval_split == "validation"):
-            keep = stratified_subset(primary, float(train_fraction), int(seed))
-            if split == "test":  # validation: drawn from the training images the subset leaves out
-                unused = np.setdiff1d(np.arange(len(primary)), keep)
-                take = min(1.0, validation_size / max(1, unused.size))
-                keep = unused[stratified_subset(primary[unused], take, int(seed) + 104729)]
-            images, primary = images[keep], primary[keep]
-            human_aux = None if human_aux is None else human_aux[keep]
         splits[split] = Split(images=images, primary=primary, human_aux=human_aux)
+
+    if train_fraction < 1.0:
+        full = splits["train"]
+        keep = stratified_subset(full.primary, float(train_fraction), int(seed))
+        if eval_split == "validation":  # drawn from the training images the subset leaves out
+            unused = np.setdiff1d(np.arange(len(full)), keep)
+            take = min(1.0, validation_size / max(1, unused.size))
+            splits["test"] = full.subset(unused[stratified_subset(full.primary[unused], take,
+                                                                  int(seed) + 104729)])
+        splits["train"] = full.subset(keep)
 
     return Dataset(
         name=name,

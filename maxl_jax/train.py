@@ -538,7 +538,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     fraction = method_cls.held_out_fraction_of(config)
     if fraction:
         train_idx, held_idx = held_out_split(dataset.train.primary, fraction, config.seed)
-        train_split, held_split = _subset(dataset.train, train_idx), _subset(dataset.train, held_idx)
+        train_split, held_split = dataset.train.subset(train_idx), dataset.train.subset(held_idx)
         held_ident = {"fraction": fraction, "count": int(len(held_idx)),
                       "sha256": hashlib.sha256(np.sort(held_idx).astype(np.int64).tobytes())
                       .hexdigest()[:16]}
@@ -778,11 +778,6 @@ def _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_
     return orders
 
 
-def _subset(split: data_lib.Split, idx: np.ndarray) -> data_lib.Split:
-    return data_lib.Split(images=split.images[idx], primary=split.primary[idx],
-                          human_aux=None if split.human_aux is None else split.human_aux[idx])
-
-
 def _device_split(split: data_lib.Split, method: Method, seed: int, sharding) -> dict:
     arrays = {"image": split.images, "primary": split.primary.astype(np.int32)}
     aux = auxiliary_labels(method, split, seed)
@@ -948,9 +943,8 @@ def _complete(config, workdir, records, state, steps_per_epoch, log) -> dict:
 def evaluates(epoch: int, config) -> bool:
     """Whether the run evaluates after (0-based) ``epoch``: every ``eval_every``-th epoch, and each
     of the last ``last_k`` epochs, whose mean is reported."""
-    every = int(config.get("eval_every") or 1)
-    return ((epoch + 1) % every == 0 or epoch >= int(config.epochs) - int(config.last_k)
-            or epoch == int(config.epochs) - 1)
+    every = int(config.get("eval_every") or 1)  # last_k >= 1: the last epoch is always evaluated
+    return (epoch + 1) % every == 0 or epoch >= int(config.epochs) - int(config.last_k)
 
 
 def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
