@@ -15,6 +15,8 @@ WAMAL (weight-aware MAXL) is the same with a generator that also outputs one wei
 example (``models.LabelGenerator(weight_head=True)``): ``w = 2^(2 r sigmoid(z) - r)`` in
 ``[2^-r, 2^r]`` (``example_weights``) and ``L_aux = mean(w * focal_b)``. Pass ``weight_range=r`` to
 ``generate_labels`` and ``meta_gradient``; the meta-gradient then reaches the weight head too.
+``weight_form="batch"`` is the authors' code's form instead, ``L_aux = mean(w) * mean(focal_b)``
+(see ``maxl_jax.methods.wamal``).
 
 Every function takes ``axis_name`` for use inside ``shard_map``: batch means and BatchNorm statistics
 are then taken over the whole sharded batch, so results equal the single-device ones; and ``mask``
@@ -76,7 +78,8 @@ def generate_labels(generator: nn.Module, gen_variables: PyTree, x: jax.Array, y
 def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array,
                    y: jax.Array, aux_targets: jax.Array | None, *, aux_weight: float = 1.0,
                    gamma: float = 2.0, axis_name: str | None = None,
-                   aux_example_weights: jax.Array | None = None, mask: jax.Array | None = None):
+                   aux_example_weights: jax.Array | None = None, weight_form: str = "example",
+                   mask: jax.Array | None = None):
     """``L_pri + aux_weight * L_aux`` of f in train mode (batch statistics).
 
     Args:
@@ -84,6 +87,8 @@ def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x:
         training (``L_pri`` alone).
       aux_example_weights: ``(B,)`` per-example weights of the auxiliary loss (WAMAL):
         ``L_aux = mean(w * focal_b)``; ``None``: unweighted.
+      weight_form: how the weights enter: ``"example"`` (the paper's ``mean(w * focal_b)``) or
+        ``"batch"`` (the authors' code's ``mean(w) * mean(focal_b)``: one weight per batch).
     Returns:
       ``(loss, (new_batch_stats, parts))`` with ``parts`` holding ``primary``, ``auxiliary`` (0 for
       single-task) and ``primary_logits``.
@@ -101,7 +106,13 @@ def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x:
     else:
         per_example = losses.focal_loss_per_example(jax.nn.log_softmax(aux_logits, -1),
                                                     aux_targets, gamma)
-        auxiliary = losses.batch_mean(aux_example_weights * per_example, axis_name, mask)
+        if weight_form == "example":
+            auxiliary = losses.batch_mean(aux_example_weights * per_example, axis_name, mask)
+        elif weight_form == "batch":
+            auxiliary = (losses.batch_mean(aux_example_weights, axis_name, mask)
+                         * losses.batch_mean(per_example, axis_name, mask))
+        else:
+            raise ValueError(f"unknown weight_form {weight_form!r}; choose 'example' or 'batch'")
         total = primary + aux_weight * auxiliary
     parts = {"primary": primary, "auxiliary": auxiliary, "primary_logits": primary_logits}
     return total, (updated["batch_stats"], parts)
@@ -127,7 +138,8 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
                   entropy_weight: float = 0.2, aux_weight: float = 1.0, gamma: float = 2.0,
                   form: str = "reverse", axis_name: str | None = None,
                   weight_range: float | None = None, normalize_weights: bool = False,
-                  validate: bool = True, mask: jax.Array | None = None) -> MaxlMetaGradient:
+                  weight_form: str = "example", validate: bool = True,
+                  mask: jax.Array | None = None) -> MaxlMetaGradient:
     """Exact gradient w.r.t. theta2 of ``L_pri(f(x; theta1+)) + entropy_weight * H(g(x; theta2))``.
 
     ``theta1+`` comes from ``inner_steps`` updates of ``inner_optimizer`` (default: plain SGD with
@@ -136,7 +148,7 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
     then carries it to theta2. ``form`` picks the estimator for ``d L_meta / d s`` (see ``meta``).
     With ``weight_range`` (WAMAL) the generator also gives per-example weights ``w``: the inner loss
     is ``L_pri + aux_weight * mean(w * focal_b)`` and the derivative reaches the weight head through
-    ``w`` as well.
+    ``w`` as well; ``weight_form`` as in ``multitask_loss``.
 
     Args:
       multitask_variables / generator_variables: ``{'params', 'batch_stats'}`` of f and g.
@@ -168,7 +180,8 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
     def inner_loss(params, labels):
         s, w = labels
         return multitask_loss(multitask, params, mt_stats, x, y, s, aux_weight=aux_weight,
-                              gamma=gamma, axis_name=axis_name, aux_example_weights=w, mask=mask)
+                              gamma=gamma, axis_name=axis_name, aux_example_weights=w,
+                              weight_form=weight_form, mask=mask)
 
     def outer_loss(params_plus, labels):
         s, _ = labels

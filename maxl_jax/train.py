@@ -904,6 +904,10 @@ def _epoch_line(r: dict, epochs: int, method: Method) -> str:
     t = r.get("train", {})
     line = (f"epoch {r['epoch'] + 1:4d}/{epochs} | train primary loss {t['primary_loss']:.4f}"
             f" acc {t['accuracy']:.4f}")
+    for key, label in method.train_report:
+        if key in t:
+            values = np.atleast_1d(np.asarray(t[key], dtype=float))
+            line += f" | {label} " + " ".join(f"{v:.2f}" for v in values)
     meta = r.get("meta")
     if meta:
         line += " | " + " ".join(f"{label} {meta[key]:.4f}" for key, label in method.report
@@ -973,8 +977,18 @@ def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
         "complete": not missing, "missing_epochs": [m + 1 for m in missing],
         "train_time_s": float(sum(r.get("epoch_time") or 0.0 for r in records)),
         "train_images_per_sec": float(np.median(ips)) if ips else None,
+        "mode": _mode(config),
         "config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config),
     }
+
+
+def _mode(config) -> dict | None:
+    """The method's ``mode_of(config)``: which of the paper's, the authors' or our behaviours the
+    run followed (``None`` for a config without a known method)."""
+    try:
+        return methods.get(config.method).mode_of(config)
+    except (ValueError, AttributeError, KeyError):
+        return None
 
 
 def plot_learning_curves(records: list[dict], path: pathlib.Path, report=(), title: str = "") -> None:

@@ -86,6 +86,14 @@ def check_range(name: str, value: Any, kind: str, low: float | None, inclusive: 
                           + (f" ({hint})" if hint else ""))
 
 
+def check_choice(name: str, value: Any, choices: Sequence[str], prefix: str = "",
+                 meaning: str = "") -> None:
+    """Raises ``ConfigError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"--config.{prefix}{name}={value!r} is not one of "
+                          f"{', '.join(map(repr, choices))}" + (f" ({meaning})" if meaning else ""))
+
+
 def validate_config(config) -> None:
     """Checks every numeric field of a run's config, and the method's own fields (through the
     method class's ``validate_config``), raising ``ConfigError`` on the first problem."""

@@ -417,3 +417,31 @@ def test_bad_constructions_raise_clear_errors():
         Maoal(**common, aux_tasks=(AuxTask("random", PSI),), terms=-2)
     with pytest.raises(ValueError, match="unknown module level"):
         module_assignment({}, (1,), "nope")
+
+
+def test_authors_cross_entropy_is_gamma_zero_for_every_task():
+    """The authors train every task with ``nn.CrossEntropyLoss``; ``--config.gamma=0`` turns our
+    focal losses into exactly that: each task's loss is the softmax cross-entropy of its own slice
+    of the auxiliary head (and of the primary head), and at the default gamma 2 it is not."""
+    batch = make_batch(3, TASKS)
+    base_method = tiny_method()
+    state = base_method.init(jax.random.PRNGKey(0), SHAPE)
+    logits, aux_logits, _ = base_method.forward(state.multitask_params,
+                                                state.multitask_batch_stats, batch["image"])
+    expected = [optax.softmax_cross_entropy_with_integer_labels(logits, batch["primary"]).mean()]
+    start = 0
+    for t, task in enumerate(TASKS):
+        k = sum(task.psi)
+        expected.append(optax.softmax_cross_entropy_with_integer_labels(
+            aux_logits[:, start:start + k], batch["aux"][:, t]).mean())
+        start += k
+    expected = np.asarray(expected)
+    for gamma, close in ((0.0, True), (2.0, False)):
+        m = Maoal(**{**{f: getattr(base_method, f) for f in ("multitask", "multitask_optimizer",
+                                                             "aux_tasks", "meta_optimizer",
+                                                             "terms", "alpha", "modules")},
+                     "gamma": gamma})
+        values, _, _, _ = m.task_gradients_with(
+            state.multitask_params, state.multitask_batch_stats, batch, m.data_targets(batch))
+        assert np.allclose(np.asarray(values), expected, rtol=1e-5, atol=1e-6) == close, (
+            gamma, values, expected)

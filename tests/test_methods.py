@@ -114,6 +114,33 @@ def test_gcs_step_applies_the_gated_direction_of_its_task_gradients():
     np.testing.assert_allclose(np.asarray(metrics["cosine"]), np.asarray(cosine), rtol=1e-5)
 
 
+
+def test_gcs_logs_per_task_the_fraction_of_gradients_passed_and_the_cosine():
+    """Over several steps, the epoch mean of ``kept`` is the fraction of steps whose auxiliary
+    gradient had a positive cosine with the primary's, per task, and the epoch line shows it and
+    the mean cosine."""
+    from maxl_jax import train
+
+    tasks = (AuxTask("random", PSI), AuxTask("random", (1, 1)))
+    mt, _ = networks(sum(PSI) + 2)
+    m = Gcs(multitask=mt, multitask_optimizer=optax.sgd(0.1), aux_tasks=tasks, weights=(1.0, 1.0))
+    state = m.init(jax.random.PRNGKey(0), SHAPE)
+    step = jax.jit(m.train_step)
+    kept, cosines = [], []
+    for i in range(6):
+        state, metrics = step(state, make_batch(10 + i, tasks))
+        kept.append(np.asarray(metrics["kept"]))
+        cosines.append(np.asarray(metrics["cosine"]))
+    kept, cosines = np.stack(kept), np.stack(cosines)
+    np.testing.assert_array_equal(kept, (cosines > 0).astype(np.float32))
+    record = {"epoch": 0, "epoch_time": 1.0,
+              "train": {"primary_loss": 1.0, "accuracy": 0.5, "kept": kept.mean(0).tolist(),
+                        "cosine": cosines.mean(0).tolist()}}
+    line = train._epoch_line(record, 1, m)
+    expected = " ".join(f"{v:.2f}" for v in kept.mean(0))
+    assert f"aux gradients passed {expected} | cosine " in line, line
+
+
 # --------------------------------------------------------------------------------------- OL-AUX
 
 def test_olaux_products_are_the_one_step_lookahead_derivative_of_the_primary_loss():
@@ -240,6 +267,52 @@ def test_wamal_weights_stay_in_range_and_its_steps_train_both_generator_heads():
     assert float(jnp.max(jnp.abs(flat(new.method_state["params"]["weight_head"]) - flat(before)))) > 0
 
 
+
+def test_wamal_authors_batch_weight_is_the_batch_mean_weight_times_the_mean_loss():
+    """The authors' ``mean(L (B,) * w (B, 1))`` broadcasts to ``(B, B)``: ``weight_form="batch"``
+    is exactly that, and differs from the per-example ``mean(w * L)`` when the weights vary."""
+    m, state, batch = wamal_setup()
+    (soft, w), _ = maxl.generate_labels(m.generator, m.generator_variables(state), batch["image"],
+                                        batch["primary"], PSI, weight_range=m.weight_range)
+    w = jnp.linspace(0.1, 8.0, w.shape[0])  # weights that differ between examples
+    f_vars = state.multitask_variables
+    (logits, aux_logits), _ = m.multitask.apply(f_vars, batch["image"], True,
+                                                mutable=["batch_stats"])
+    per_example = losses.focal_loss_per_example(jax.nn.log_softmax(aux_logits, -1), soft, 2.0)
+    broadcast = jnp.mean(per_example * w[:, None])  # the authors' shapes
+    parts = {form: maxl.multitask_loss(m.multitask, f_vars["params"], f_vars["batch_stats"],
+                                       batch["image"], batch["primary"], soft,
+                                       aux_example_weights=w, weight_form=form)[1][1]["auxiliary"]
+             for form in ("batch", "example")}
+    np.testing.assert_allclose(float(parts["batch"]), float(broadcast), rtol=1e-6)
+    np.testing.assert_allclose(float(parts["example"]), float(jnp.mean(per_example * w)),
+                               rtol=1e-6)
+    assert abs(float(parts["batch"]) - float(parts["example"])) > 1e-3 * float(parts["example"])
+
+
+def test_wamal_authors_batch_weight_with_normalisation_has_zero_weight_head_gradient():
+    """Under the authors' batch form with their weight normalisation, ``mean(w / mean(w)) = 1``:
+    the weights cancel and the weight head's meta-gradient is zero (to float64 round-off), while
+    the label head's is not; without the normalisation the weight head does get a gradient."""
+    with enable_x64():
+        m, state, batch = wamal_setup()
+        state = to64(state)
+        f_vars, g_vars = state.multitask_variables, m.generator_variables(state)
+        norms = {}
+        for normalize in (True, False):
+            result = maxl.meta_gradient(
+                m.multitask, m.generator, f_vars, g_vars, batch["image"], batch["primary"], PSI,
+                inner_lr=0.5, weight_range=m.weight_range, normalize_weights=normalize,
+                weight_form="batch")
+            head = float(np.linalg.norm(flat(result.grad["weight_head"])))
+            rest = float(np.linalg.norm(flat({k: v for k, v in result.grad.items()
+                                              if k != "weight_head"})))
+            norms[normalize] = (head, rest)
+        head, rest = norms[True]
+        assert rest > 1e-6 and head < 1e-12 * rest, norms
+        assert norms[False][0] > 1e-6 * norms[False][1], norms
+
+
 # ------------------------------------------------------------------------------------ AuxiLearn
 
 def fd_implicit_hypergradient(m, state, batches, phi_vec, unravel_phi, build_phi, alpha, terms):
@@ -339,3 +412,24 @@ def test_auxilearn_combiners_stay_monotone_and_the_meta_step_moves_them():
     assert not np.allclose(flat(new.method_state["combiner"]), flat(state.method_state["combiner"]))
     assert float(jnp.min(new.method_state["combiner"]["w"])) >= 0
     assert int(new.meta_step) == 1 and np.isfinite(float(metrics["meta_loss"]))
+
+
+def test_summary_names_the_mode_each_method_ran_in():
+    """``summary.json`` records which behaviour the run followed where the paper, the authors'
+    code and ours differ: the loss for every method, and each method's own choices."""
+    from experiments.configs import default
+    from maxl_jax import train
+
+    config = default.get_config()
+    record = [{"epoch": 0, "test": {"accuracy": 0.5, "loss": 1.0}, "epoch_time": 1.0}]
+    config.method = "wamal"
+    mode = train.summarize(record, config, 10)["mode"]
+    assert mode["weight_form"].startswith("example") and mode["loss"] == "focal, gamma 2"
+    config.wamal.weight_form, config.gamma = "batch", 0.0
+    mode = train.summarize(record, config, 10)["mode"]
+    assert mode["weight_form"] == "batch (the authors' code)", mode
+    assert mode["loss"].startswith("cross-entropy"), mode
+    config.method = "maoal"
+    assert "(the authors')" in train.summarize(record, config, 10)["mode"]["loss"]
+    config.method, config.meta_form = "maxl", "finite_difference"
+    assert "first-order" in train.summarize(record, config, 10)["mode"]["meta_form"]

@@ -281,6 +281,12 @@ def test_bad_method_settings_name_the_field(tmp_path):
     c.olaux.every = 0
     with pytest.raises(validation.ConfigError, match=r"--config.olaux.every=0"):
         run_in_process(c, tmp_path / "w")
+    c = tiny_config(method="wamal")
+    c.wamal.weight_form = "per_batch"
+    with pytest.raises(validation.ConfigError,
+                       match=r"--config.wamal.weight_form='per_batch' is not one of 'example', "
+                             r"'batch'"):
+        run_in_process(c, tmp_path / "w")
 
 
 def test_settings_a_method_ignores_are_reported():

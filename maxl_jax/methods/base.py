@@ -152,6 +152,8 @@ class Method:
     meta_checked: ClassVar[tuple[str, ...]] = ("meta_loss", "grad_norm", "update_norm")
     #: Meta-step metrics for the epoch line and the learning-curve plot: (key, label).
     report: ClassVar[tuple[tuple[str, str], ...]] = (("meta_loss", "meta loss"),)
+    #: Training-step metrics (epoch means; scalars or one value per task) for the epoch line.
+    train_report: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     multitask: models.MultiTaskNet
     multitask_optimizer: optax.GradientTransformation
@@ -186,6 +188,14 @@ class Method:
     def defaults(cls) -> dict:
         """The method's own config fields and their defaults (``--config.<name>.<field>``)."""
         return {}
+
+    @classmethod
+    def mode_of(cls, config) -> dict[str, str]:
+        """Which behaviour a run under ``config`` follows where the paper, the authors' code and
+        ours differ: ``{choice: "value (whose)"}``, recorded in ``summary.json`` as ``mode`` so a
+        table can say what it measured. Every method has its loss; methods add their own."""
+        gamma = float(config.get("gamma", 2.0))
+        return {"loss": "cross-entropy (gamma 0)" if gamma == 0 else f"focal, gamma {gamma:g}"}
 
     #: Shared (top-level) config fields the method reads, besides the ones every method reads.
     config_fields: ClassVar[tuple[str, ...]] = ()

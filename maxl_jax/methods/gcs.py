@@ -13,6 +13,12 @@ while each head keeps its own task's gradient (the primary head ``g_0``, the aux
 re-implementation uses (AuxiLearn's ``experiments/weight_methods.py: GradCosine`` among them). The
 auxiliary labels come with the data (``--config.aux_tasks``, like ``equal``). Each step takes one
 reverse pass per task; there is no meta step.
+
+What it gates is logged: each training step's ``kept`` (per auxiliary task, 1 when its gradient
+passed, or the weight ``max(0, cos)`` when ``weighted``) and ``cosine``; the epoch record in
+``metrics.jsonl`` holds their epoch means (``train.kept``: the fraction of steps whose auxiliary
+gradient passed, per task; ``train.cosine``: the mean cosine per task), and the console's epoch line
+shows both. A run whose ``kept`` stays at 0 is single-task training with an extra head.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Gcs(base.Method):
     name = "gcs"
     config_fields = ("aux_tasks", "psi", "aux_per_class", "aux_weight")
     train_checked = base.Method.train_checked + ("auxiliary_loss",)
+    train_report = (("kept", "aux gradients passed"), ("cosine", "cosine"))
 
     weights: tuple[float, ...] = ()
     weighted: bool = False

@@ -50,6 +50,22 @@ head); ``maoal_generate`` learns one task's labels with MAXL's label generator (
 so ``-(dG/dphi)^T q`` reaches it as it reaches ``W`` (our extension, in the manner of AuxiLearn's
 "generate" variant; the generator keeps MAXL's SGD ``generator_lr`` with weight decay, ``W`` Adam).
 
+The loss. The authors train every task with cross-entropy (``crit = nn.CrossEntropyLoss()`` in
+``train.py``); ours, like every method here, uses the shared focal loss with ``--config.gamma``
+(2 by default, the MAXL reference's) on the primary and the auxiliary tasks, so that a MAOAL run and
+the single-task run it is compared with train the same primary loss and the paired difference is the
+method's alone. ``--config.gamma=0`` is exactly their cross-entropy (the focal loss at gamma 0 is
+``-log p``; ``tests/test_maoal.py::test_authors_cross_entropy_is_gamma_zero_for_every_task``); set
+it (for every method compared) to reproduce their numbers.
+
+Their heads, off by one. Their network has ``1 + K`` heads (``task_list = [5]*11``: head 0 the
+primary, heads 1..K the auxiliary tasks), but the training loops take auxiliary task ``m``'s loss
+from ``a_logits[m]`` for ``m = 0..K-1`` (``train.py``: ``train_model``, ``modularized_lr_MTL_implicit``
+and the other loops alike), so auxiliary task 0 is trained on the *primary* head (on its own
+images and labels) and the last head is never used. Ours gives auxiliary task ``k`` its own slice
+of the auxiliary head and leaves the primary head to the primary task, as the paper describes; we
+do not offer the off-by-one, which would make the first auxiliary task share the primary's classifier.
+
 Where we differ from their code, deliberately: in their script each auxiliary task is a different
 data set (other CIFAR-100 superclasses) with its own head; ours share the training images and one
 auxiliary head, and their auxiliary losses' weight (``aux_weight``) is 1, as here (the shared
@@ -224,6 +240,14 @@ class Maoal(base.Method):
         return {"modules": "blocks", "every": 10, "held_out_fraction": 0.05, "meta_lr": 1e-2,
                 "meta_weight_decay": 5e-4, "clip": 10.0, "terms": 3, "alpha": 1.0,
                 "scale_by_alpha": False}
+
+    @classmethod
+    def mode_of(cls, config) -> dict[str, str]:
+        mode = super().mode_of(config)
+        ce = float(config.get("gamma", 2.0)) == 0
+        mode["loss"] += " (the authors')" if ce else " (ours; the authors': cross-entropy, gamma 0)"
+        mode["auxiliary heads"] = "each task its own (the paper; the authors' script is off by one)"
+        return mode
 
     @classmethod
     def check_fields(cls, fields) -> None:

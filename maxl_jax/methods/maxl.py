@@ -83,6 +83,15 @@ class Maxl(base.Method):
         super().validate_config(config)
 
     @classmethod
+    def mode_of(cls, config) -> dict[str, str]:
+        form = str(config.get("meta_form"))
+        return {**super().mode_of(config),
+                "meta_form": {"reverse": "reverse (exact second order, the paper)",
+                              "forward_over_reverse": "forward_over_reverse (exact second order)",
+                              "finite_difference": "finite_difference (the reference's "
+                                                   "first-order form)"}.get(form, form)}
+
+    @classmethod
     def from_config(cls, config, setup: base.Setup):
         return cls(**cls.fields_from_config(config, setup))
 

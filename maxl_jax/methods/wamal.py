@@ -21,6 +21,18 @@ entropy weight 0.2; the same schedules and two-pass epoch as MAXL. Published: CI
 auxiliary weight of 4 gives MAXL 79.1 in the same notebook, so report a fixed-weight control beside
 it (``--method=maxl --config.aux_weight=4``).
 
+The weights' form (``weight_form``). The paper weights each example, ``mean_b (w_b * L_aux,b)``
+(``"example"``, our default). The authors' code does something else: in ``wamal/train_network.py``
+the weight head returns shape ``(B, 1)`` and the focal loss ``(B,)``, so ``mean(L * w)`` broadcasts
+to ``(B, B)`` and equals ``mean(w) * mean(L)``: one learned weight per batch, not per example.
+Every stored revision does this, so the published 80.2 / 81.3 came from a batch-level weight.
+``--config.wamal.weight_form=batch`` is that form. With it and ``normalize_weights`` the weights
+cancel (``mean(w / mean(w)) = 1``) and the weight head gets a zero meta-gradient (to round-off;
+``tests/test_methods.py::test_wamal_authors_batch_weight_with_normalisation_has_zero_weight_head_gradient``):
+their normalised runs are MAXL. We keep the paper's per-example form as the default, because it is
+the method the paper describes and the only one whose weight head can tell examples apart; the
+method benchmark runs it, and says so.
+
 Where we differ from their code, deliberately: the mask softmax keeps the reference MAXL's 1e-8
 off-block mass (their wrapper masks with exact zeros and adds 1e-12 to the denominator), so WAMAL
 with ``w = 1`` is exactly MAXL.
@@ -36,6 +48,8 @@ from maxl_jax.methods import base
 from maxl_jax.methods import register
 from maxl_jax.methods.maxl import Maxl
 
+WEIGHT_FORMS = ("example", "batch")
+
 
 @register
 class Wamal(Maxl):
@@ -44,6 +58,8 @@ class Wamal(Maxl):
     Attributes:
       weight_range: ``r``: weights ``2^(2 r s - r)`` lie in ``[2^-r, 2^r]``.
       normalize_weights: divide the weights by their batch mean.
+      weight_form: ``"example"`` (the paper's ``mean(w * L_aux)``) or ``"batch"`` (the authors'
+        code's ``mean(w) * mean(L_aux)``).
     """
 
     name = "wamal"
@@ -51,6 +67,7 @@ class Wamal(Maxl):
 
     weight_range: float = 5.0
     normalize_weights: bool = False
+    weight_form: str = "example"
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,21 +76,35 @@ class Wamal(Maxl):
                              "models.make_networks(..., generator_weight_head=True)")
         if not self.weight_range > 0:
             raise ValueError(f"weight_range must be > 0, got {self.weight_range}")
+        if self.weight_form not in WEIGHT_FORMS:
+            raise ValueError(f"unknown weight_form {self.weight_form!r}; choose one of "
+                             f"{WEIGHT_FORMS}")
 
     @classmethod
     def defaults(cls) -> dict:
-        return {"weight_range": 5.0, "normalize_weights": False}
+        return {"weight_range": 5.0, "normalize_weights": False, "weight_form": "example"}
 
     @classmethod
     def check_fields(cls, fields) -> None:
         validation.check_range("weight_range", fields.weight_range, "float", 0.0, False,
                                prefix="wamal.")
+        validation.check_choice("weight_form", fields.weight_form, WEIGHT_FORMS, prefix="wamal.",
+                                meaning="per example, the paper; per batch, the authors' code")
+
+    @classmethod
+    def mode_of(cls, config) -> dict[str, str]:
+        form = str(config.wamal.weight_form)
+        return {**super().mode_of(config),
+                "weight_form": ("example (the paper)" if form == "example"
+                                else "batch (the authors' code)" if form == "batch" else form),
+                "normalize_weights": str(bool(config.wamal.normalize_weights))}
 
     @classmethod
     def from_config(cls, config, setup: base.Setup):
         return cls(**cls.fields_from_config(config, setup, weight_head=True),
                    weight_range=float(config.wamal.weight_range),
-                   normalize_weights=bool(config.wamal.normalize_weights))
+                   normalize_weights=bool(config.wamal.normalize_weights),
+                   weight_form=str(config.wamal.weight_form))
 
     def _labels(self, state, batch, axis_name):
         return maxl.generate_labels(self.generator, self.generator_variables(state), batch["image"],
@@ -92,7 +123,8 @@ class Wamal(Maxl):
             return maxl.multitask_loss(self.multitask, params, state.multitask_batch_stats,
                                        batch["image"], batch["primary"], soft,
                                        aux_weight=self.aux_weight, gamma=self.gamma,
-                                       axis_name=axis_name, aux_example_weights=w, mask=mask)
+                                       axis_name=axis_name, aux_example_weights=w,
+                                       weight_form=self.weight_form, mask=mask)
 
         (loss, (f_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.multitask_params)
@@ -114,7 +146,8 @@ class Wamal(Maxl):
             inner_optimizer=self.inner_optimizer(alpha), inner_steps=self.inner_steps,
             entropy_weight=self.entropy_weight, aux_weight=self.aux_weight, gamma=self.gamma,
             form=self.meta_form, axis_name=axis_name, weight_range=self.weight_range,
-            normalize_weights=self.normalize_weights, mask=batch.get("mask"))
+            normalize_weights=self.normalize_weights, weight_form=self.weight_form,
+            mask=batch.get("mask"))
         params, opt_state, norms = steps.apply_update(
             self.generator_optimizer, state.method_state["params"],
             state.method_state["opt_state"], result.grad)
