@@ -59,3 +59,21 @@ def test_bad_arguments_are_one_line_errors(module, args, message):
     assert "Traceback" not in out.stderr
     if "unknown implementation" in message:
         assert all(impl in out.stderr for impl in IMPLS)  # and it lists the choices
+
+
+def test_accelerator_estimate_scales_with_the_protocols_steps_and_the_assumed_rate():
+    """From the committed cost tables: the time is FLOPs over the rate (halving the rate doubles
+    every hour figure), and CIFAR-10 at 5% runs a twentieth of CIFAR-100's steps per epoch."""
+    from benchmarks import accelerator_estimate as est
+
+    ratios = est.epoch_ratios(est.RESULTS / "protocol_cost_fmnist10_low.md")
+    assert ratios["single"] == 1.0 and ratios["maxl_psi5"] > 2.0
+    assert est.training_step_gflop(est.RESULTS / "steps_final.md") > 100
+    out = run("benchmarks.accelerator_estimate", "--tflops", "20,40")
+    assert out.returncode == 0, out.stderr
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")]
+            for r in table_rows(out.stdout)}
+    big, small = rows["cifar100_20_vgg16"], rows["cifar10_low_vgg16"]
+    assert (int(big[2]), int(small[2])) == (500, 25)
+    for row in (big, small):
+        assert abs(float(row[5].replace(",", "")) - 2 * float(row[6].replace(",", ""))) < 0.16
