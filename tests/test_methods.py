@@ -433,3 +433,15 @@ def test_summary_names_the_mode_each_method_ran_in():
     assert "(the authors')" in train.summarize(record, config, 10)["mode"]["loss"]
     config.method, config.meta_form = "maxl", "finite_difference"
     assert "first-order" in train.summarize(record, config, 10)["mode"]["meta_form"]
+
+
+def test_rlaux_and_olaux_summaries_name_their_primary_phase_and_update_modes():
+    from experiments.configs import default
+    from maxl_jax import train
+
+    config = default.get_config()
+    record = [{"epoch": 0, "test": {"accuracy": 0.5, "loss": 1.0}, "epoch_time": 1.0}]
+    config.method = "rlaux"
+    assert train.summarize(record, config, 10)["mode"]["primary_weight"] == "argmax (the authors')"
+    config.rlaux.primary_weight = "expected"
+    assert train.summarize(record, config, 10)["mode"]["primary_weight"] == "expected (ours)"

@@ -9,7 +9,10 @@ targets, its config errors, and the agent on a toy problem:
   network at the next pass, and leaves the network itself alone;
 * on a toy problem where one auxiliary labelling measurably helps the primary loss after the update,
   the policy's preference moves toward that labelling; on the mirrored toy, where the other
-  labelling gets exactly that reward, it moves away from it.
+  labelling gets exactly that reward, it moves away from it;
+* the primary phase's weight: by default the authors' argmax (the most likely bin's weight, which
+  for a fresh softmax-feature policy is one bin for every image), or the expected weight
+  ``sum_b pi(b|x) 2^(8 w_b - 3)``, or a sampled bin's weight, each entering the loss per example.
 """
 
 import dataclasses
@@ -164,6 +167,8 @@ def rlaux_config(**fields):
     ("entropy_reward", -1.0, r"rlaux.entropy_reward=-1.0 is out of range"),
     ("weight_aware", "yes", r"rlaux.weight_aware='yes' is not True or False"),
     ("normalize_advantage", 1, r"rlaux.normalize_advantage=1 is not True or False"),
+    ("primary_weight", "mean", r"rlaux.primary_weight='mean' is not one of 'argmax', 'expected', "
+                               r"'sample'"),
 ])
 def test_bad_settings_raise_a_config_error_naming_the_field(field, value, match):
     config = rlaux_config(**{field: value})
@@ -178,12 +183,16 @@ def test_default_settings_are_the_authors_weight_aware_ppo():
     assert d["weight_aware"] is True and d["weight_bins"] == 21
     assert (d["ppo_lr"], d["ent_coef"], d["ppo_epochs"], d["ppo_batch"]) == (3e-4, 0.01, 10, 100)
     assert d["entropy_reward"] == 0.2
+    assert d["primary_weight"] == "argmax"  # their primary phase: predict(deterministic=True)
     from maxl_jax import methods
     setup = methods.Setup(num_primary=20, psi_human=None, steps_per_epoch=500)
     config.arch, config.width = "small", 4
     m = methods.build(config, setup)
     assert m.schedule.pass_before and m.schedule.sources == ("train", "random_train")
     assert m.policy.weight_bins == 21 and m.psi == (5,) * 20 and m.steps_per_epoch == 500
+    assert m.primary_weight == "argmax"
+    config.rlaux.primary_weight = "expected"
+    assert methods.build(config, setup).primary_weight == "expected"
     config.rlaux.weight_aware = False
     assert methods.build(config, setup).policy.weight_bins == 0
 
@@ -325,3 +334,123 @@ def test_the_meta_step_under_shard_map_gathers_the_batch_and_equals_the_jit_step
                                rtol=1e-6)
     np.testing.assert_allclose(flat(mapped.method_state), flat(plain.method_state), rtol=1e-5,
                                atol=1e-7)
+
+
+# ------------------------------------------------------------------------ the primary phase
+
+
+def two_to_the_8w_minus_3(bins=21):
+    """The authors' mapping, written out: bin ``b`` -> ``w = b / (bins - 1)`` -> ``2^(8 w - 3)``."""
+    return np.asarray([2.0 ** (8.0 * b / (bins - 1) - 3.0) for b in range(bins)])
+
+
+def bins_of(weights, table):
+    """Each weight's bin, asserting it is that bin's weight (to float32 rounding)."""
+    weights = np.asarray(weights, np.float64)
+    bins = np.abs(np.log(weights)[:, None] - np.log(table)[None, :]).argmin(-1)
+    np.testing.assert_allclose(weights, table[bins], rtol=1e-5)
+    return bins
+
+
+def test_primary_phase_weights_argmax_expected_and_sampled_by_hand():
+    table = two_to_the_8w_minus_3(3)  # 1/8, 2, 32
+    p = np.asarray([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3]])
+    lp = jnp.log(jnp.asarray(p, jnp.float32))
+    # argmax: the weight of the most likely bin.
+    np.testing.assert_allclose(np.asarray(rlaux.primary_phase_weights(lp, "argmax")),
+                               [1 / 8, 32.0, 2.0], rtol=1e-6)
+    # expected: sum_b p_b * 2^(8 w_b - 3).
+    np.testing.assert_allclose(np.asarray(rlaux.primary_phase_weights(lp, "expected")), p @ table,
+                               rtol=1e-6)
+    # sample: each draw is one bin's weight, and over many draws the mean is the expected weight.
+    n = 20000
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    draws = np.asarray(jax.jit(rlaux.primary_phase_weights, static_argnums=1)(
+        jnp.repeat(lp[1:2], n, 0), "sample", keys))
+    bins = bins_of(draws, table)
+    np.testing.assert_allclose(draws.mean(), (p @ table)[1], rtol=0.03)
+    np.testing.assert_allclose(np.bincount(bins, minlength=3) / n, p[1], atol=0.015)
+    with pytest.raises(ValueError, match="unknown primary_weight"):
+        rlaux.primary_phase_weights(lp, "mean")
+
+
+def primary_phase_method(primary_weight="argmax"):
+    """A weight-aware tiny RL-AUX with the authors' 21 bins and 256 softmax features."""
+    backbone = models.ConvBackbone(filters=(4,), convs_per_block=(1,), global_pool=True,
+                                   conv_impl="xla")
+    mt = models.MultiTaskNet(2, 4, backbone, head_width=8)
+    policy = Policy(num_auxiliary=4, weight_bins=21, backbone=backbone, head_width=8,
+                    feature_dim=256)
+    return RlAux(multitask=mt, multitask_optimizer=optax.sgd(0.1), policy=policy, psi=PSI,
+                 policy_optimizer=optax.adam(1e-3), steps_per_epoch=1, weight_aware=True,
+                 weight_bins=21, primary_weight=primary_weight)
+
+
+def policy_weight_probabilities(m, state, images):
+    """``pi(b|x)`` as the primary phase acts (the policy's running BatchNorm statistics)."""
+    _, weight_logits, _ = m.policy.apply(state.method_state["policy"], images, False)
+    return np.asarray(jax.nn.softmax(weight_logits, -1), np.float64)
+
+
+def primary_auxiliary_loss(m, state, batch, weights):
+    """The auxiliary term of the primary phase's loss with per-example ``weights``."""
+    label_logits, weight_logits, _ = m.policy.apply(state.method_state["policy"], batch["image"],
+                                                    False)
+    labels = jnp.argmax(rlaux.block_log_probs(label_logits, batch["primary"], PSI), -1)
+    targets = rlaux.auxiliary_targets(labels, batch["primary"], PSI)
+    _, (_, parts) = m.training_loss(state.multitask_params, state.multitask_batch_stats, batch,
+                                    targets, jnp.asarray(weights, jnp.float32))
+    return float(parts["auxiliary"])
+
+
+def test_authors_primary_phase_weight_is_the_most_likely_bins_one_bin_for_every_image():
+    m = primary_phase_method()
+    assert m.primary_weight == "argmax"  # the default, theirs
+    state = m.init(jax.random.PRNGKey(0), SHAPE)
+    batch = toy_batch(3, 16)
+    p = policy_weight_probabilities(m, state, batch["image"])
+    want = two_to_the_8w_minus_3()[p.argmax(-1)]
+    _, metrics = jax.jit(m.train_step)(state, batch)
+    np.testing.assert_allclose(float(metrics["weight_mean"]), want.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["auxiliary_loss"]),
+                               primary_auxiliary_loss(m, state, batch, want), rtol=1e-5)
+    # The finding, in the authors' form: the softmax features make the policy near uniform
+    # (entropy within 0.1% of ln 21) yet its argmax is one bin for every image.
+    entropy = -np.sum(p * np.log(p), -1)
+    np.testing.assert_allclose(entropy, np.log(21), rtol=1e-3)
+    assert len(np.unique(p.argmax(-1))) == 1, p.argmax(-1)
+
+
+def test_expected_weight_option_is_sum_over_bins_of_pi_times_2_to_the_8w_minus_3():
+    m = primary_phase_method("expected")
+    state = m.init(jax.random.PRNGKey(0), SHAPE)
+    batch = toy_batch(3, 16)
+    p = policy_weight_probabilities(m, state, batch["image"])
+    want = p @ two_to_the_8w_minus_3()  # per example
+    got = np.asarray(m.primary_weights(jnp.log(jnp.asarray(p, jnp.float32)), state))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    _, metrics = jax.jit(m.train_step)(state, batch)
+    np.testing.assert_allclose(float(metrics["weight_mean"]), want.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["auxiliary_loss"]),
+                               primary_auxiliary_loss(m, state, batch, want), rtol=1e-5)
+    # Near uniform, the expected weight is near the bins' mean weight (about 6.3), not 32 or 1/8.
+    np.testing.assert_allclose(want, two_to_the_8w_minus_3().mean(), rtol=0.01)
+
+
+def test_sampled_weight_option_draws_a_bin_per_example_from_the_policy():
+    m = primary_phase_method("sample")
+    state = m.init(jax.random.PRNGKey(0), SHAPE)
+    batch = toy_batch(3, 64)
+    lp = jnp.log(jnp.asarray(policy_weight_probabilities(m, state, batch["image"]), jnp.float32))
+    weights = jax.jit(m.primary_weights)
+    w0 = np.asarray(weights(lp, state))
+    bins = bins_of(w0, two_to_the_8w_minus_3())  # each example gets one bin's weight ...
+    assert len(np.unique(bins)) > 5  # ... drawn per example from the near-uniform policy
+    np.testing.assert_array_equal(np.asarray(weights(lp, state)), w0)  # the key is the state's
+    later = np.asarray(weights(lp, state.replace(step=state.step + 1)))
+    assert not np.array_equal(later, w0)  # a new draw at the next step
+    # The train step uses exactly those weights, per example.
+    _, metrics = jax.jit(m.train_step)(state, batch)
+    np.testing.assert_allclose(float(metrics["weight_mean"]), w0.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["auxiliary_loss"]),
+                               primary_auxiliary_loss(m, state, batch, w0), rtol=1e-5)

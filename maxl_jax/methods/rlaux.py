@@ -40,6 +40,43 @@ the train state's key and the meta-step counter, so resume and any device count 
 numbers), updates the copy, computes the reward on a ``"random_train"`` batch, and runs PPO on the
 batch's transitions. The training steps are the primary phase.
 
+The primary phase's action, theirs (``MatthewSo/rl-aux`` at ``f99dd17``; stable-baselines3 v2.8.0,
+whose code here is unchanged since v2.0): their ``train_main_network``
+(``environment/learn_weight_aux_task.py:333-341``, called by ``train/train_auxilary_agent.py:36``
+after the RL phase of line 33) steps the environment with ``model.predict(obs,
+deterministic=True)`` (line 338). Stable-baselines3's ``predict`` puts the policy in eval mode
+(``common/policies.py:352``) and ``deterministic`` takes the distribution's ``mode()``
+(``common/distributions.py:89-90``), for their ``MultiDiscrete([aux_dim, 21])`` action (line 73)
+``MultiCategoricalDistribution.mode``, the argmax of each component (lines 363-364). So the class
+and the weight bin are both argmaxes: no sampling, no expectation. The bin ``b`` becomes ``w = b /
+20`` (``weight_idx_to_float``, lines 84-86, ``WEIGHT_DIMS = 21`` at line 17, applied at lines
+250-254), the weight ``2^(8 w - 3)`` (line 281), in ``[1/8, 32]``; the auxiliary term is
+``mean(L_aux * weight)`` (line 286) and the loss ``L_pri + L_aux`` (line 287; their ``aux_weight``,
+0 in ``cifar100_20_entry_point_learn_weights.py:25``, enters only without weights, line 290). Their
+policy's features are ``softmax(Dense(256))``, as ours: ``CustomFeatureExtractor``
+(``networks/common.py:8-19``) returns the first output of a ``VGG16`` built with
+``primary_task_output = features_dim`` (256, ``OBSERVATION_FEATURE_DIMENSION``, entry point lines 19
+and 119), whose ``classifier1`` is ``Linear(512) - ReLU - Linear(256) - Softmax``
+(``networks/primary/vgg.py:29-34``). The action head, ``Linear(256, aux_dim + 21)`` on those features
+(``networks/common.py:21-35``, ``networks/ppo/ppo.py:23-25``), keeps PyTorch's default
+initialisation (the Xavier loop, ``vgg.py:44-54``, covers the VGG alone) and, assigned after the
+optimizer was built (``common/policies.py:634``), never trains.
+
+What follows, in theirs and here: the features sum to 1 and start near ``1/256`` each, so each logit
+starts near the mean of its kernel column (in theirs plus the head's bias, drawn in ``+-1/16``,
+which dominates), nearly the same for every image. The policy is near uniform (entropy near
+``ln(psi_y * 21)``), yet its argmax is one bin for (nearly) every image, which bin depending on the
+seed: on the tiny config (``experiments/configs/tiny.py``, mock CIFAR-100-20) every primary step of
+seed 0 took the top bin, weight 32, and the first epoch of seeds 1 and 2 bins 7 and 10 (weights 0.87
+and 2), while the RL phase's sampled weights averaged 5.2-7.0. (Theirs also argmaxes the class over
+all ``aux_dim`` classes: one class for every image, off the block, so a uniform target over the
+block, for most images.) ``primary_weight`` (``--config.rlaux.primary_weight``) chooses the primary
+phase's weight: ``"argmax"`` (the default, theirs: the most likely bin's weight), ``"expected"``
+(``sum_b pi(b|x) 2^(8 w_b - 3)``, the policy's mean weight) or ``"sample"`` (the weight of a bin
+drawn from ``pi(.|x)``; each example's key comes from the train state's key, the step counter and
+the example's place in the global batch, so resume and any device count draw the same bins). The
+class is the argmax inside the block with each.
+
 Defaults, the authors' (``cifar100_20_entry_point_learn_weights.py``, and stable-baselines3's PPO
 defaults where they pass none): weight-aware (``weight_aware=True``: their best result, CIFAR-100-20,
 VGG-16, 80.9 against 76.2 without weights), 21 bins, reward entropy weight 0.2; PPO Adam lr 3e-4
@@ -90,6 +127,11 @@ from maxl_jax.methods import register
 
 #: The stream of the train state's key the meta step draws its actions and minibatch orders from.
 _RL_STREAM = 0x5A1
+#: The stream the primary phase draws its weight bins from (``primary_weight="sample"``).
+_PRIMARY_STREAM = 0x5A2
+
+#: How the primary phase turns the policy's weight-bin distribution into each example's weight.
+PRIMARY_WEIGHTS = ("argmax", "expected", "sample")
 
 
 # ------------------------------------------------------------------------------- pure functions
@@ -100,6 +142,21 @@ def bin_weights(num_bins: int = 21) -> jax.Array:
     (21 bins: ``w`` in ``{0, 0.05, ..., 1}``, weights ``1/8 .. 32``)."""
     w = jnp.arange(num_bins, dtype=jnp.float32) / (num_bins - 1)
     return jnp.exp2(8.0 * w - 3.0)
+
+
+def primary_phase_weights(weight_log_probs: jax.Array, how: str, keys: jax.Array | None = None):
+    """``(B,)`` weights from the policy's weight-bin log-probabilities ``(B, bins)``: the most likely
+    bin's weight (``"argmax"``, the authors'), the expected weight ``sum_b pi(b|x) 2^(8 w_b - 3)``
+    (``"expected"``), or the weight of a bin drawn from ``pi(.|x)`` with one key per example
+    (``"sample"``, ``keys (B, 2)``)."""
+    table = bin_weights(weight_log_probs.shape[-1])
+    if how == "argmax":
+        return table[jnp.argmax(weight_log_probs, -1)]
+    if how == "expected":
+        return jnp.exp(weight_log_probs) @ table
+    if how == "sample":
+        return table[jax.vmap(jax.random.categorical)(keys, weight_log_probs)]
+    raise ValueError(f"unknown primary_weight {how!r}; choose one of {PRIMARY_WEIGHTS}")
 
 
 def block_log_probs(label_logits: jax.Array, primary: jax.Array, psi: Sequence[int]) -> jax.Array:
@@ -274,6 +331,8 @@ class RlAux(base.Method):
       steps_per_epoch: training batches per epoch (the RL phase's length).
       weight_aware: choose a weight bin too; weight_bins: their number.
       soft_target: the authors' mask-softmax target of the choice (else one-hot).
+      primary_weight: the primary phase's weight, one of ``PRIMARY_WEIGHTS`` (see the module
+        docstring; ``"argmax"``, the default, is the authors').
       aux_weight: factor of the auxiliary term.
       entropy_reward: weight of the batch-mean target's entropy in the reward.
       ppo_epochs, ppo_batch, clip, vf_coef, ent_coef, discount, gae_lambda, normalize_advantage:
@@ -294,6 +353,7 @@ class RlAux(base.Method):
     weight_aware: bool = True
     weight_bins: int = 21
     soft_target: bool = True
+    primary_weight: str = "argmax"
     aux_weight: float = 1.0
     entropy_reward: float = 0.2
     ppo_epochs: int = 10
@@ -322,6 +382,9 @@ class RlAux(base.Method):
                              f"{self.weight_bins if self.weight_aware else 0}")
         if self.weight_aware and self.weight_bins < 2:
             raise ValueError(f"weight_bins must be >= 2, got {self.weight_bins}")
+        if self.primary_weight not in PRIMARY_WEIGHTS:
+            raise ValueError(f"unknown primary_weight {self.primary_weight!r}; choose one of "
+                             f"{PRIMARY_WEIGHTS}")
         if self.steps_per_epoch < 1 or self.ppo_epochs < 1 or self.ppo_batch < 1:
             raise ValueError("steps_per_epoch, ppo_epochs and ppo_batch must be >= 1")
 
@@ -329,15 +392,26 @@ class RlAux(base.Method):
     @classmethod
     def defaults(cls) -> dict:
         return {"weight_aware": True, "weight_bins": 21, "soft_target": True,
-                "entropy_reward": 0.2, "feature_dim": 256, "ppo_lr": 3e-4, "ppo_epochs": 10,
-                "ppo_batch": 100, "ent_coef": 0.01, "clip": 0.2, "vf_coef": 0.5,
-                "max_grad_norm": 0.5, "discount": 0.99, "gae_lambda": 0.95,
+                "primary_weight": "argmax", "entropy_reward": 0.2, "feature_dim": 256,
+                "ppo_lr": 3e-4, "ppo_epochs": 10, "ppo_batch": 100, "ent_coef": 0.01, "clip": 0.2,
+                "vf_coef": 0.5, "max_grad_norm": 0.5, "discount": 0.99, "gae_lambda": 0.95,
                 "normalize_advantage": False}
+
+    @classmethod
+    def mode_of(cls, config) -> dict[str, str]:
+        how = str(config.rlaux.primary_weight)
+        return {**super().mode_of(config),
+                "primary_weight": how + (" (the authors')" if how == "argmax" else " (ours)")}
 
     @classmethod
     def check_fields(cls, fields) -> None:
         p = "rlaux."
         validation.check_range("weight_bins", fields.weight_bins, "int", 2, prefix=p)
+        if fields.primary_weight not in PRIMARY_WEIGHTS:
+            raise validation.ConfigError(
+                f"--config.{p}primary_weight={fields.primary_weight!r} is not one of "
+                f"{', '.join(map(repr, PRIMARY_WEIGHTS))} (the primary phase's weight: the most "
+                f"likely bin's, the authors'; the policy's expected weight; or a sampled bin's)")
         validation.check_range("entropy_reward", fields.entropy_reward, "float", 0.0, prefix=p)
         validation.check_range("feature_dim", fields.feature_dim, "int", 1, prefix=p)
         validation.check_range("ppo_lr", fields.ppo_lr, "float", 0.0, False, prefix=p)
@@ -367,6 +441,7 @@ class RlAux(base.Method):
                    gamma=config.gamma, policy=policy, psi=psi, policy_optimizer=policy_optimizer,
                    steps_per_epoch=setup.steps_per_epoch, weight_aware=weight_aware,
                    weight_bins=int(c.weight_bins), soft_target=bool(c.soft_target),
+                   primary_weight=str(c.primary_weight),
                    aux_weight=float(config.aux_weight), entropy_reward=float(c.entropy_reward),
                    ppo_epochs=int(c.ppo_epochs), ppo_batch=int(c.ppo_batch), clip=float(c.clip),
                    vf_coef=float(c.vf_coef), ent_coef=float(c.ent_coef),
@@ -408,6 +483,19 @@ class RlAux(base.Method):
             return jnp.ones(bins.shape, jnp.float32)
         return bin_weights(self.weight_bins)[bins]
 
+    def primary_weights(self, weight_lp, state, axis_name=None):
+        """``(B,)`` the primary phase's weights from the weight bins' log-probabilities ``(B,
+        bins)``. With ``"sample"`` example ``i`` of the global batch draws with
+        ``fold_in(fold_in(fold_in(rng, stream), step), i)``: the same bins on any number of devices
+        (each device's slice is its block of the batch)."""
+        keys = None
+        if self.primary_weight == "sample":
+            n = weight_lp.shape[0]
+            offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+            key = jax.random.fold_in(jax.random.fold_in(state.rng, _PRIMARY_STREAM), state.step)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(n))
+        return primary_phase_weights(weight_lp, self.primary_weight, keys)
+
     def training_loss(self, params, batch_stats, batch, targets, weights, axis_name=None):
         """``L_pri + aux_weight * mean(w * L_aux)`` in train mode: ``(loss, (stats, parts))``."""
         mask = batch.get("mask")
@@ -428,15 +516,15 @@ class RlAux(base.Method):
 
     # ------------------------------------------------------------------- the primary phase
     def train_step(self, state, batch, axis_name=None):
-        """One update of theta1 with the deterministic policy's labels and weights (argmax, the
-        policy's BatchNorm on its running statistics)."""
+        """One update of theta1 with the policy's labels (argmax) and weights (``primary_weight``),
+        the policy's BatchNorm on its running statistics."""
         label_logits, weight_logits, _ = self.policy.apply(state.method_state["policy"],
                                                            batch["image"], False)
         label_lp, weight_lp = self.action_log_probs(label_logits, weight_logits, batch["primary"])
         labels = jnp.argmax(label_lp, -1)
-        bins = (jnp.zeros_like(labels) if weight_lp is None else jnp.argmax(weight_lp, -1))
         targets = auxiliary_targets(labels, batch["primary"], self.psi, self.soft_target)
-        weights = self.example_weights(bins)
+        weights = (jnp.ones(labels.shape, jnp.float32) if weight_lp is None
+                   else self.primary_weights(weight_lp, state, axis_name))
         (loss, (stats, parts)), grads = jax.value_and_grad(self.training_loss, has_aux=True)(
             state.multitask_params, state.multitask_batch_stats, batch, targets, weights,
             axis_name)
