@@ -36,6 +36,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -238,6 +239,14 @@ def _fmt_s(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
+#: Exit codes of a run stopped by a signal it handled (SIGINT 130, SIGTERM 143) or died of.
+_INTERRUPTED = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+
+
+def _stop_grid(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_grid(jobs: list[tuple], n_jobs: int, cores: int | None = None,
              log=print, poll_s: float = 1.0) -> dict:
     """Runs ``(argv, result_dir[, work_dir])`` jobs as subprocesses, ``n_jobs`` at a time, dividing
@@ -247,7 +256,10 @@ def run_grid(jobs: list[tuple], n_jobs: int, cores: int | None = None,
     they find). Each process is pinned to its share of the cores and its XLA told to use that many
     threads; its output goes to ``work_dir/log.txt`` (``work_dir`` defaults to ``result_dir``).
     Returns ``{"done": [...], "failed": [(result_dir, rc)], "skipped": [...]}`` of result dirs.
-    On Ctrl-C / SIGTERM the running processes get SIGTERM (they save and stop) and it re-raises.
+    On Ctrl-C / SIGTERM the running processes get SIGTERM (they save and stop) and it raises
+    ``KeyboardInterrupt``; so it does when a run stops on a signal of its own (exit 130 or 143, a
+    user interrupting it): the grid stops there rather than start the next run. SIGINT is honoured
+    even when the grid was started in the background of a script (which would ignore it).
     """
     jobs = [(j[0], j[1], j[2] if len(j) > 2 else j[1]) for j in jobs]
     cores = cores or len(os.sched_getaffinity(0))
@@ -262,6 +274,10 @@ def run_grid(jobs: list[tuple], n_jobs: int, cores: int | None = None,
     running: dict[int, tuple] = {}   # slot -> (proc, run_dir, start, logfile)
     durations = []
     t0 = time.time()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handlers[signum] = signal.signal(signum, _stop_grid)
     try:
         while todo or running:
             free = [i for i in range(n_jobs) if i not in running]
@@ -301,6 +317,10 @@ def run_grid(jobs: list[tuple], n_jobs: int, cores: int | None = None,
                         f"{100 * acc['final_test_accuracy']:.2f}, mean of last {acc['last_k']} "
                         f"{100 * acc['last_k_mean_test_accuracy']:.2f} "
                         f"[{len(result['done'])} done, {left} left, about {_fmt_s(eta)} to go]")
+                elif rc in _INTERRUPTED:
+                    log(f"  {_short(run_dir)} was interrupted (exit {rc}; it resumes on the next "
+                        f"run): stopping the grid")
+                    raise KeyboardInterrupt
                 else:
                     result["failed"].append((run_dir, rc))
                     log(f"  FAILED {_short(run_dir)} (exit {rc}); its log: {logfile.name}")
@@ -315,6 +335,9 @@ def run_grid(jobs: list[tuple], n_jobs: int, cores: int | None = None,
             logfile.close()
             log(f"  stopped {_short(run_dir)} (it resumes on the next run)")
         raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     log(f"grid finished in {_fmt_s(time.time() - t0)}: {len(result['done'])} ran, "
         f"{len(result['failed'])} failed, {len(result['skipped'])} were finished already")
     return result

@@ -233,3 +233,22 @@ def test_embed_replaces_only_its_protocols_block(tmp_path):
     assert doc.read_text() == ("intro\n<!-- benchmark:a -->\n| new |\n<!-- /benchmark -->\nmiddle\n"
                                "<!-- benchmark:b -->\nold b\n<!-- /benchmark -->\nend\n")
     assert not B.embed(doc, "c", "x") and not B.embed(tmp_path / "absent.md", "a", "x")
+
+
+def test_a_run_stopped_by_a_signal_stops_the_grid_instead_of_starting_the_next(tmp_path):
+    """A run that exits 130 (it was interrupted: Ctrl-C reaches the whole process group) is not a
+    failure to step past: the grid raises KeyboardInterrupt and starts nothing more, so the same
+    command resumes it later."""
+    script = tmp_path / "fake.py"
+    script.write_text(_FAKE.replace('if d.name == "seed9":\n    sys.exit(3)',
+                                    'if d.name == "seed1":\n    sys.exit(130)'))
+    root = tmp_path / "proto" / "v"
+    jobs = [([sys.executable, str(script), str(root / f"seed{s}")], root / f"seed{s}")
+            for s in (1, 2, 3)]
+    for _, d in jobs:
+        d.mkdir(parents=True)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        B.run_grid(jobs, n_jobs=1, cores=1, log=lines.append, poll_s=0.05)
+    assert (tmp_path / "proto" / "calls.txt").read_text().split() == ["seed1"]
+    assert any("seed1 was interrupted (exit 130" in line for line in lines), lines
