@@ -210,6 +210,77 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
                             weights)
 
 
+def reference_first_order_meta_gradient(
+        multitask: nn.Module, generator: nn.Module, multitask_variables: PyTree,
+        generator_variables: PyTree, x: jax.Array, y: jax.Array, psi: Sequence[int], *,
+        alpha: float | jax.Array = 0.01, aux_weight: float = 1.0, gamma: float = 2.0,
+        radius: float = meta.REFERENCE_RADIUS, entropy_weight: float = 0.2,
+        axis_name: str | None = None, mask: jax.Array | None = None) -> MaxlMetaGradient:
+    """The reference's first-order meta step exactly as ``model_vgg_maxl_firstorder.py`` runs it.
+
+    ``theta1+ = theta1 - alpha grad L_train(theta1)`` (plain SGD); ``v = grad L_pri(theta1+)``;
+    ``eps = radius / ||v||``; the generator's gradient is
+
+        - alpha * [grad_theta2 L_train(theta1 + eps v) - grad_theta2 L_train(theta1 - eps v)] / (2 eps)
+
+    and nothing else: the entropy term never reaches the generator (the reference overwrites the
+    generator's gradient with this difference). Every forward of f and g runs in train mode and
+    updates its BatchNorm running statistics, in the reference's order: f and g at theta1, then f
+    and g at ``theta1 + eps v``, then at ``theta1 - eps v`` (three updates of each per meta step;
+    the forward at theta1+ runs on a copy and its statistics are dropped). ``alpha`` is the caller's:
+    the reference passes theta1's current learning rate. ``meta_loss`` is the reference's logged
+    objective ``L_pri(theta1+) + entropy_weight * H(s)``, whose entropy part has no gradient here.
+    Compare ``meta_gradient(form="finite_difference")``: the same difference at the same points,
+    but with the entropy term's gradient kept and f's statistics updated once.
+    """
+    psi = hierarchy.validate_psi(psi)
+    params, stats0 = multitask_variables["params"], multitask_variables["batch_stats"]
+    gen_params = generator_variables["params"]
+
+    def train_loss(p, stats, soft):
+        return multitask_loss(multitask, p, stats, x, y, soft, aux_weight=aux_weight, gamma=gamma,
+                              axis_name=axis_name, mask=mask)
+
+    soft, g_stats = generate_labels(generator, generator_variables, x, y, psi, train=True,
+                                    axis_name=axis_name, mask=mask)
+    (_, (f_stats, parts)), g = jax.value_and_grad(train_loss, has_aux=True)(params, stats0, soft)
+    plus = jax.tree_util.tree_map(lambda w, d: w - alpha * d, params, g)
+
+    def primary_after(p):
+        logits, _ = multitask.apply({"params": p, "batch_stats": stats0}, x, True, axis_name, mask,
+                                    mutable=["batch_stats"])[0]
+        return losses.primary_focal_loss(logits, y, gamma, axis_name, mask), logits
+
+    (primary_plus, logits_plus), v = jax.value_and_grad(primary_after, has_aux=True)(plus)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(t)) for t in jax.tree_util.tree_leaves(v)))
+    eps = radius / jnp.maximum(norm, 1e-30)
+
+    def generator_grad(sign, f_stats_in, g_stats_in):
+        shifted = jax.tree_util.tree_map(lambda w, d: w + sign * eps * d, params, v)
+
+        def loss_of(gp):
+            s, g_out = generate_labels(generator, {"params": gp, "batch_stats": g_stats_in}, x, y,
+                                       psi, train=True, axis_name=axis_name, mask=mask)
+            loss, (f_out, _) = train_loss(shifted, f_stats_in, s)
+            return loss, (f_out, g_out)
+
+        return jax.grad(loss_of, has_aux=True)(gen_params)
+
+    grad_p, (f_stats, g_stats) = generator_grad(1.0, f_stats, g_stats)
+    grad_n, (f_stats, g_stats) = generator_grad(-1.0, f_stats, g_stats)
+    grad = jax.tree_util.tree_map(lambda a, b: -alpha * (a - b) / (2 * eps), grad_p, grad_n)
+    entropy = losses.entropy_term(soft, axis_name, mask)
+    metrics = {
+        "primary_before": parts["primary"], "auxiliary_before": parts["auxiliary"],
+        "accuracy_before": losses.accuracy(parts["primary_logits"], y, axis_name, mask),
+        "primary_after": primary_plus,
+        "accuracy_after": losses.accuracy(logits_plus, y, axis_name, mask),
+        "entropy_term": entropy,
+    }
+    return MaxlMetaGradient(grad, primary_plus + entropy_weight * entropy, f_stats, g_stats, soft,
+                            metrics)
+
+
 def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=axis)
 

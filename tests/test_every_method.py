@@ -109,3 +109,12 @@ def test_the_main_job_on_several_devices_ends_with_the_1_device_numbers(
         np.testing.assert_allclose(y["test"]["loss"], x["test"]["loss"], rtol=1e-4)
         np.testing.assert_allclose(y["train"]["primary_loss"], x["train"]["primary_loss"],
                                    rtol=1e-4)
+
+
+def test_maxl_reference_first_order_trains_through_the_loop_and_says_so(tmp_path):
+    """``--config.meta_form=reference_first_order`` runs MAXL's meta passes with the reference's
+    first-order step: finite losses, a generator that moves, and a summary naming the mode."""
+    summary = run_in_process(tmp_path / "w", "maxl", epochs=1, meta_form="reference_first_order")
+    assert summary["mode"]["meta_form"].startswith("reference_first_order")
+    (record,) = records(tmp_path / "w")
+    assert np.isfinite(record["meta"]["meta_loss"]) and record["meta"]["grad_norm"] > 0

@@ -156,3 +156,80 @@ def test_forward_over_reverse_equals_reverse_at_a_size_xla_once_miscompiled():
     rev, fwd = both(f_vars, g_vars)
     assert bool(jnp.all(jnp.isfinite(fwd)))
     assert float(jnp.linalg.norm(fwd - rev) / jnp.linalg.norm(rev)) < 1e-4
+
+
+# ------------------------------------------------------------- the reference's first-order step
+
+def test_authors_first_order_step_is_the_finite_difference_estimate_without_the_entropy_term():
+    """``model_vgg_maxl_firstorder.py`` overwrites the generator's gradient with the difference, so
+    its step equals our finite-difference form with the entropy term's gradient left out, at the
+    same evaluation points (float64), and differs from it by exactly that gradient."""
+    with enable_x64():
+        mt, gen, f_vars, g_vars, x, y = tiny_setup()
+        alpha = 0.3
+        ref = jax.jit(lambda f, g: maxl.reference_first_order_meta_gradient(
+            mt, gen, f, g, x, y, PSI, alpha=alpha))(f_vars, g_vars)
+        fd = {w: jit_meta_gradient(mt, gen, inner_lr=alpha, form="finite_difference",
+                                   entropy_weight=w)(f_vars, g_vars, x, y) for w in (0.0, 0.2)}
+        flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])  # noqa: E731
+        np.testing.assert_allclose(flat(ref.grad), flat(fd[0.0].grad), rtol=1e-9, atol=1e-13)
+        entropy_grad = jax.grad(lambda gp: 0.2 * losses.entropy_term(maxl.generate_labels(
+            gen, {**g_vars, "params": gp}, x, y, PSI)[0]))(g_vars["params"])
+        np.testing.assert_allclose(flat(fd[0.2].grad) - flat(ref.grad), flat(entropy_grad),
+                                   rtol=1e-8, atol=1e-12)
+        assert np.linalg.norm(flat(entropy_grad)) > 1e-6
+        np.testing.assert_allclose(float(ref.meta_loss), float(fd[0.2].meta_loss), rtol=1e-12)
+
+
+def test_authors_first_order_step_updates_batchnorm_statistics_three_times():
+    """Every forward of the reference's first-order step runs in train mode: f's running
+    statistics are updated at theta1, theta1 + eps v and theta1 - eps v in turn (g's at each of
+    its three forwards); the exact form updates f's once."""
+    with enable_x64():
+        mt, gen, f_vars, g_vars, x, y = tiny_setup()
+        alpha, radius = 0.3, 0.01
+        ref = maxl.reference_first_order_meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI,
+                                                       alpha=alpha, radius=radius)
+        exact = jit_meta_gradient(mt, gen, inner_lr=alpha)(f_vars, g_vars, x, y)
+        soft, g1 = maxl.generate_labels(gen, g_vars, x, y, PSI)
+
+        def loss(p, stats):
+            return maxl.multitask_loss(mt, p, stats, x, y, soft)
+
+        (_, (f1, _)), g = jax.value_and_grad(loss, has_aux=True)(f_vars["params"],
+                                                                  f_vars["batch_stats"])
+        plus = jax.tree_util.tree_map(lambda w, d: w - alpha * d, f_vars["params"], g)
+        v = jax.grad(lambda p: losses.primary_focal_loss(mt.apply(
+            {"params": p, "batch_stats": f_vars["batch_stats"]}, x, True,
+            mutable=["batch_stats"])[0][0], y))(plus)
+        eps = radius / np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(v)[0]))
+        stats, g_stats = f1, g1
+        for sign in (1.0, -1.0):
+            shifted = jax.tree_util.tree_map(lambda w, d: w + sign * eps * d, f_vars["params"], v)
+            stats = loss(shifted, stats)[1][0]
+            g_stats = maxl.generate_labels(gen, {**g_vars, "batch_stats": g_stats}, x, y, PSI)[1]
+        flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])  # noqa: E731
+        np.testing.assert_allclose(flat(ref.multitask_batch_stats), flat(stats), rtol=1e-12)
+        np.testing.assert_allclose(flat(ref.generator_batch_stats), flat(g_stats), rtol=1e-12)
+        np.testing.assert_allclose(flat(exact.multitask_batch_stats), flat(f1), rtol=1e-12)
+        assert np.max(np.abs(flat(stats) - flat(f1))) > 1e-6
+
+
+def test_authors_first_order_alpha_is_theta1s_rate_halved_at_epoch_50_not_49():
+    """The reference passes ``scheduler.get_last_lr()`` (theta1's StepLR(50)) as alpha; the exact
+    step's alpha is halved one epoch earlier."""
+    from experiments.configs import default
+    from maxl_jax.methods import base
+    from maxl_jax.methods.maxl import Maxl
+
+    config = default.get_config()
+    config.arch, config.width = "small", 2
+    setup = base.Setup(num_primary=2, psi_human=None, steps_per_epoch=10)
+    config.psi = (2, 2)
+    alphas = {}
+    for form in ("reverse", "reference_first_order"):
+        config.meta_form = form
+        m = Maxl.from_config(config, setup)
+        alphas[form] = [float(m.inner_lr(epoch * 10)) for epoch in (0, 48, 49, 50)]
+    assert alphas["reverse"] == [0.01, 0.01, 0.005, 0.005]
+    assert alphas["reference_first_order"] == [0.01, 0.01, 0.01, 0.005]

@@ -281,6 +281,11 @@ def test_bad_method_settings_name_the_field(tmp_path):
     c.olaux.every = 0
     with pytest.raises(validation.ConfigError, match=r"--config.olaux.every=0"):
         run_in_process(c, tmp_path / "w")
+    c = tiny_config(method="wamal", meta_form="reference_first_order")
+    with pytest.raises(validation.ConfigError,
+                       match=r"--config.meta_form='reference_first_order' is not one of .* for "
+                             r"--method=wamal"):
+        run_in_process(c, tmp_path / "w")
     c = tiny_config(method="wamal")
     c.wamal.weight_form = "per_batch"
     with pytest.raises(validation.ConfigError,

@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.entropy_weight = 0.2
     c.aux_weight = 1.0
     c.gamma = 2.0                   # focal loss
-    c.meta_form = "reverse"         # reverse | forward_over_reverse (exact) | finite_difference
+    c.meta_form = "reverse"         # reverse | forward_over_reverse (exact) | finite_difference | reference_first_order (MAXL)
     # Run.
     c.seed = 0
     c.eval_batch_size = 500

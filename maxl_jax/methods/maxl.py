@@ -6,7 +6,15 @@ A label generator g(theta2) turns each image and its primary label into a soft a
 section 3.2). The multi-task network trains on ``L_pri + aux_weight * L_aux(s)`` (eq. 2, focal loss,
 gamma 2). The generator's meta step (eq. 3-4): ``theta1+ = theta1 - alpha grad L_train(theta1, s)``,
 then ``d/d theta2 [L_pri(theta1+) + entropy_weight * H(s)]``, differentiated exactly through the
-update (second order; ``meta_form="finite_difference"`` gives the reference's first-order variant).
+update (second order). Two first-order forms: ``meta_form="finite_difference"`` is the reference's
+finite-difference estimate inside our meta step (entropy term kept, our alpha schedule, f's
+BatchNorm statistics updated once), and ``meta_form="reference_first_order"`` is
+``model_vgg_maxl_firstorder.py`` exactly: alpha is theta1's learning rate (``--config.lr`` on
+theta1's schedule, halved from epoch 50, where the exact step's alpha is halved from 49:
+``--config.inner_lr`` is not read), the entropy term never reaches the generator (the reference
+overwrites the generator's gradient with the difference), and the two perturbed forwards update f's
+and g's BatchNorm running statistics, three updates per meta step
+(``maxl.reference_first_order_meta_gradient``).
 
 The reference's defaults: theta1 SGD 0.01; theta2 SGD 1e-3 with weight decay 5e-4; alpha 0.01;
 entropy weight 0.2; ``psi = [5] * 20`` on CIFAR-100's 20 superclasses; both learning rates halved
@@ -27,6 +35,10 @@ from maxl_jax import hierarchy, losses, maxl, models, steps, validation
 from maxl_jax.meta import FORMS
 from maxl_jax.methods import base
 from maxl_jax.methods import register
+
+#: MAXL's meta-gradient forms: the estimators of ``maxl_jax.meta`` and the reference's own
+#: first-order step.
+MAXL_FORMS = FORMS + ("reference_first_order",)
 
 
 @register
@@ -60,6 +72,7 @@ class Maxl(base.Method):
     entropy_weight: float = 0.2
     aux_weight: float = 1.0
     meta_form: str = "reverse"
+    meta_forms = MAXL_FORMS
     schedule: base.MetaSchedule = base.MetaSchedule(per_epoch_pass=True, sources=("train",))
 
     def __post_init__(self):
@@ -72,14 +85,14 @@ class Maxl(base.Method):
         if self.generator.num_auxiliary != sum(self.psi):
             raise ValueError(f"the label generator has {self.generator.num_auxiliary} outputs but "
                              f"sum(psi) = {sum(self.psi)}")
-        if self.meta_form not in FORMS:
-            raise ValueError(f"unknown meta_form {self.meta_form!r}; choose one of {FORMS}")
+        if self.meta_form not in MAXL_FORMS:
+            raise ValueError(f"unknown meta_form {self.meta_form!r}; choose one of {MAXL_FORMS}")
 
     @classmethod
     def validate_config(cls, config) -> None:
-        if config.get("meta_form") not in FORMS:
+        if config.get("meta_form") not in cls.meta_forms:
             raise validation.ConfigError(f"--config.meta_form={config.get('meta_form')!r} is not "
-                                         f"one of {FORMS}")
+                                         f"one of {cls.meta_forms} for --method={cls.name}")
         super().validate_config(config)
 
     @classmethod
@@ -89,7 +102,9 @@ class Maxl(base.Method):
                 "meta_form": {"reverse": "reverse (exact second order, the paper)",
                               "forward_over_reverse": "forward_over_reverse (exact second order)",
                               "finite_difference": "finite_difference (the reference's "
-                                                   "first-order form)"}.get(form, form)}
+                                                   "first-order estimate, our meta step)",
+                              "reference_first_order": "reference_first_order (the reference's "
+                                                       "first-order step exactly)"}.get(form, form)}
 
     @classmethod
     def from_config(cls, config, setup: base.Setup):
@@ -104,6 +119,8 @@ class Maxl(base.Method):
         f_opt, g_opt, inner_lr = steps.reference_optimizers(
             setup.steps_per_epoch, config.lr, config.generator_lr, config.weight_decay,
             config.decay_every, config.inner_lr)
+        if config.meta_form == "reference_first_order":  # alpha = theta1's rate, as the reference
+            inner_lr = steps.step_lr_schedule(config.lr, setup.steps_per_epoch, config.decay_every)
         return dict(multitask=multitask, multitask_optimizer=f_opt, generator=generator, psi=psi,
                     generator_optimizer=g_opt, inner_lr=inner_lr, inner_steps=config.inner_steps,
                     entropy_weight=config.entropy_weight, aux_weight=config.aux_weight,
@@ -151,12 +168,19 @@ class Maxl(base.Method):
         """One meta update of the label generator on ``batches['train']`` (pass B)."""
         batch = batches["train"]
         alpha = self.inner_lr(state.meta_step)
-        result = maxl.meta_gradient(
-            self.multitask, self.generator, state.multitask_variables,
-            self.generator_variables(state), batch["image"], batch["primary"], self.psi,
-            inner_optimizer=self.inner_optimizer(alpha), inner_steps=self.inner_steps,
-            entropy_weight=self.entropy_weight, aux_weight=self.aux_weight, gamma=self.gamma,
-            form=self.meta_form, axis_name=axis_name, mask=batch.get("mask"))
+        if self.meta_form == "reference_first_order":
+            result = maxl.reference_first_order_meta_gradient(
+                self.multitask, self.generator, state.multitask_variables,
+                self.generator_variables(state), batch["image"], batch["primary"], self.psi,
+                alpha=alpha, aux_weight=self.aux_weight, gamma=self.gamma,
+                entropy_weight=self.entropy_weight, axis_name=axis_name, mask=batch.get("mask"))
+        else:
+            result = maxl.meta_gradient(
+                self.multitask, self.generator, state.multitask_variables,
+                self.generator_variables(state), batch["image"], batch["primary"], self.psi,
+                inner_optimizer=self.inner_optimizer(alpha), inner_steps=self.inner_steps,
+                entropy_weight=self.entropy_weight, aux_weight=self.aux_weight, gamma=self.gamma,
+                form=self.meta_form, axis_name=axis_name, mask=batch.get("mask"))
         params, opt_state, norms = steps.apply_update(
             self.generator_optimizer, state.method_state["params"],
             state.method_state["opt_state"], result.grad)

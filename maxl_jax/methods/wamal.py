@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from maxl_jax import losses, maxl, steps, validation
 from maxl_jax.methods import base
 from maxl_jax.methods import register
+from maxl_jax.meta import FORMS
 from maxl_jax.methods.maxl import Maxl
 
 WEIGHT_FORMS = ("example", "batch")
@@ -68,6 +69,7 @@ class Wamal(Maxl):
     weight_range: float = 5.0
     normalize_weights: bool = False
     weight_form: str = "example"
+    meta_forms = FORMS
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,6 +78,9 @@ class Wamal(Maxl):
                              "models.make_networks(..., generator_weight_head=True)")
         if not self.weight_range > 0:
             raise ValueError(f"weight_range must be > 0, got {self.weight_range}")
+        if self.meta_form not in FORMS:
+            raise ValueError(f"WAMAL's meta_form must be one of {FORMS} (the reference's "
+                             f"first-order step has no weight head), got {self.meta_form!r}")
         if self.weight_form not in WEIGHT_FORMS:
             raise ValueError(f"unknown weight_form {self.weight_form!r}; choose one of "
                              f"{WEIGHT_FORMS}")
