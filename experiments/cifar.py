@@ -20,12 +20,28 @@ import runpy
 import signal
 import sys
 
-from absl import app, flags, logging
+
+def _interrupted_while_starting(signum, frame):
+    print("\nInterrupted before training started: nothing was saved.", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C during the seconds of imports below (JAX, TFDS, Orbax) gets the same one line as
+    # during loading and compiling, not a KeyboardInterrupt traceback from inside a library.
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    if "startup:0=INT" in os.environ.get("MAXL_FAULT", "").split(","):  # the reliability tests'
+        os.kill(os.getpid(), signal.SIGINT)
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 from maxl_jax import data as data_lib
 from maxl_jax import distributed, methods, train, validation
 from maxl_jax.checkpoint import CheckpointError
+
+if __name__ == "__main__":  # imported: from here on Ctrl-C is a KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py"),

@@ -664,10 +664,25 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         if pending is not None and not bool(np.all(jax.device_get(pending[3]))):
             _raise_non_finite(pending, method, epoch)
 
+    # The current epoch's clock: training time and images so far, carried over a resume through a
+    # small file written beside each checkpoint (``_CLOCK``), so a resumed epoch's time and
+    # throughput are the whole epoch's.
+    clock = {"start": time.time(), "prior": 0.0, "trained": 0, "epoch": start_epoch}
+    carried = _read_clock(workdir, int(state.step) + int(state.meta_step), start_epoch)
+    if offset and carried is not None:
+        clock["prior"], clock["trained"] = carried
+    # A resumed epoch whose earlier part's clock was not saved (a kill between a checkpoint and its
+    # clock): its time and throughput cover this process's part only, and its record says so.
+    partial_clock = bool(offset) and carried is None
+
     def save(s: TrainState, pending):
         check(pending)  # never save a state derived from a non-finite step
         step = counters["train"] + counters["meta"]
         ckpt.save(step, s)
+        if primary:
+            _write_atomic(workdir / _CLOCK, json.dumps({
+                "step": step, "epoch": clock["epoch"], "trained": clock["trained"],
+                "elapsed_s": clock["prior"] + time.time() - clock["start"]}))
         _fault("saved", step)
 
     pending = None
@@ -682,7 +697,9 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
             if bar is not None:
                 bar.update(first)
             t_epoch = time.time()
-            trained = 0
+            if epoch != start_epoch:
+                clock.update(prior=0.0, trained=0)
+            clock.update(start=t_epoch, epoch=epoch)
             e = first
             while e < len(events):
                 # The next call: consecutive steps of one kind, at most steps_per_call, ending
@@ -698,7 +715,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
                 check(pending)  # the previous call's, so the host stays one call ahead
                 pending = (kind, counters[kind] + 1, m, ok, n if steps_per_call > 1 else None)
                 counters[kind] += n
-                trained += n if kind == "train" else 0
+                clock["trained"] += n if kind == "train" else 0
                 if bar is not None:
                     bar.update(n)
                 if every_events and (epoch * len(events) + end) % every_events == 0:
@@ -712,9 +729,11 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
             check(pending)
             if bar is not None:
                 bar.close()
-            elapsed = time.time() - t_epoch
+            elapsed = clock["prior"] + time.time() - t_epoch
             record = finish_epoch(epoch, state, elapsed,
-                                  trained * config.batch_size / max(elapsed, 1e-9))
+                                  clock["trained"] * config.batch_size / max(elapsed, 1e-9))
+            if epoch == start_epoch and partial_clock:
+                record["epoch_time_partial"] = True
             records.append(record)
             if primary:
                 _append_record(metrics_path, record)
@@ -881,6 +900,22 @@ def _read_records(path: pathlib.Path, keep_before: int) -> list[dict]:
     return records
 
 
+#: The file beside the checkpoints that carries the current epoch's clock over a resume.
+_CLOCK = "epoch_clock.json"
+
+
+def _read_clock(workdir: pathlib.Path, step: int, epoch: int) -> tuple[float, int] | None:
+    """``(elapsed seconds, training steps)`` of epoch ``epoch`` before the checkpoint of ``step``,
+    from ``_CLOCK`` when it was written for that checkpoint; else ``None``."""
+    try:
+        c = json.loads((workdir / _CLOCK).read_text())
+        if int(c["step"]) == step and int(c["epoch"]) == epoch:
+            return float(c["elapsed_s"]), int(c["trained"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def _write_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -976,6 +1011,8 @@ def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
         "test_accuracy": [r["test"]["accuracy"] if "test" in r else None for r in records],
         "complete": not missing, "missing_epochs": [m + 1 for m in missing],
         "train_time_s": float(sum(r.get("epoch_time") or 0.0 for r in records)),
+        "train_time_complete": not any(r.get("epoch_time_partial") or r.get("epoch_time") is None
+                                       for r in records),
         "train_images_per_sec": float(np.median(ips)) if ips else None,
         "mode": _mode(config),
         "config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config),

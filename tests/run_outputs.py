@@ -15,7 +15,7 @@ import numpy as np
 from maxl_jax.checkpoint import read_state
 
 # the per-epoch metrics that measure time, which differ between otherwise identical runs
-TIMINGS = ("epoch_time", "train_images_per_sec")
+TIMINGS = ("epoch_time", "train_images_per_sec", "epoch_time_partial")
 
 
 def final_state(workdir) -> dict:

@@ -78,3 +78,14 @@ def test_flag_and_config_mistakes_are_one_paragraph_with_exit_2(tmp_path):
         assert message in out.stderr and "Traceback" not in out.stderr, (flags, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1, (flags, out.stderr)
     assert not (tmp_path / "w").exists()
+
+
+def test_ctrl_c_while_the_libraries_import_is_the_documented_line_not_a_traceback(tmp_path):
+    """A SIGINT that lands before JAX and the rest have imported (the fault hook sends it right
+    after the entry point's first lines) ends with the one line the CLI prints for an interrupt
+    before training, exit 130, and nothing written."""
+    out = entry_point(f"--workdir={tmp_path / 'w'}", cwd=ROOT,
+                      env={"MAXL_FAULT": "startup:0=INT"})
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert "Interrupted before training started: nothing was saved." in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()

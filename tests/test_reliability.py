@@ -37,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from run_outputs import final_state, records  # noqa: E402
 
-SUMMARY_TIMINGS = ("train_time_s", "train_images_per_sec")
+SUMMARY_TIMINGS = ("train_time_s", "train_images_per_sec", "train_time_complete")
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +349,27 @@ def test_a_meta_step_that_would_never_run_is_refused(tmp_path):
                                          r"never run\. Lower --config.auxilearn.every to at most 2"):
         run_in_process(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_resumed_epoch_reports_the_whole_epochs_time_and_throughput(tmp_path, cache):
+    """Killed at step 12 of a 16-step MAXL epoch (8 training steps of the 64 mock images, then 8
+    meta steps) just after its checkpoint, then resumed: the epoch's record counts all 8 training
+    steps in its throughput (images/s x time = 8 batches) and its time includes the part before
+    the kill, so the summary's numbers are an uninterrupted run's, not those of the last 4 meta
+    steps (0 images/s)."""
+    flags = ("--config.method=maxl", "--config.epochs=1", "--config.max_steps_per_epoch=8",
+             "--config.checkpoint_every_steps=4", "--config.batch_size=8")
+    killed = cli(tmp_path / "w", cache, *flags, fault="event:12")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    clock = json.loads((tmp_path / "w" / "epoch_clock.json").read_text())
+    assert clock["step"] == 12 and clock["trained"] == 8 and clock["elapsed_s"] > 0
+    out = cli(tmp_path / "w", cache, *flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (record,) = [json.loads(line) for line in
+                 (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert "epoch_time_partial" not in record
+    assert record["epoch_time"] > clock["elapsed_s"]
+    np.testing.assert_allclose(record["train_images_per_sec"] * record["epoch_time"] / 8, 8,
+                               rtol=1e-6)
+    s = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert s["train_time_complete"] and s["train_images_per_sec"] > 0
