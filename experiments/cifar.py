@@ -69,7 +69,7 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the Python traceback of
 
 # Errors that are the user's to fix: exit 2 with the message alone.
 USER_ERRORS = (ValueError, data_lib.DatasetNotFoundError, data_lib.DatasetCorruptError,
-               CheckpointError, distributed.PeerError)
+               CheckpointError, distributed.PeerError, train.RunFilesError)
 
 
 def _wants_traceback(argv=()) -> bool:

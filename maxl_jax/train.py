@@ -79,6 +79,11 @@ class NonFiniteError(FloatingPointError):
     """A loss, gradient or parameter became NaN or inf; the message names the step and quantity."""
 
 
+class RunFilesError(RuntimeError):
+    """A run's own file (``metrics.jsonl``, ``summary.json``) could not be written; the message
+    says what was kept and how to go on."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped by SIGINT or SIGTERM after saving a checkpoint; ``signum`` says which."""
 
@@ -680,9 +685,12 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         step = counters["train"] + counters["meta"]
         ckpt.save(step, s)
         if primary:
-            _write_atomic(workdir / _CLOCK, json.dumps({
-                "step": step, "epoch": clock["epoch"], "trained": clock["trained"],
-                "elapsed_s": clock["prior"] + time.time() - clock["start"]}))
+            try:  # timings only: a resumed epoch without it says its time is partial
+                _write_atomic(workdir / _CLOCK, json.dumps({
+                    "step": step, "epoch": clock["epoch"], "trained": clock["trained"],
+                    "elapsed_s": clock["prior"] + time.time() - clock["start"]}))
+            except OSError:
+                pass
         _fault("saved", step)
 
     pending = None
@@ -736,7 +744,15 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
                 record["epoch_time_partial"] = True
             records.append(record)
             if primary:
-                _append_record(metrics_path, record)
+                try:
+                    _append_record(metrics_path, record)
+                except OSError as e:
+                    save(state, pending)  # the epoch is kept: a resume rebuilds its record
+                    raise RunFilesError(
+                        f"cannot write {metrics_path} ({type(e).__name__}: {e}). Training stopped "
+                        f"after epoch {epoch + 1}, whose checkpoint is saved in {ckpt.directory}. "
+                        f"Fix the file's permissions or free disk space, then run the same "
+                        f"command: it resumes and rebuilds the missing record.") from None
             _fault("record", epoch + 1)
             log(_epoch_line(record, config.epochs, method))
             save(state, pending)
@@ -955,7 +971,13 @@ def _epoch_line(r: dict, epochs: int, method: Method) -> str:
 def _finish(config, workdir, records, state, steps_per_epoch) -> dict:
     summary = summarize(records, config, steps_per_epoch)
     if distributed.is_primary():
-        _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+        try:
+            _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+        except OSError as e:
+            raise RunFilesError(
+                f"cannot write {workdir / 'summary.json'} ({type(e).__name__}: {e}). Training is "
+                f"complete and its checkpoint saved; fix the folder's permissions or free disk "
+                f"space, then run the same command to write the summary.") from None
         plot_learning_curves(records, workdir / "learning_curves.png",
                              methods.get(config.method).report,
                              title=f"{config.method} on {config.dataset} ({config.arch})")

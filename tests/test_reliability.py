@@ -373,3 +373,27 @@ def test_a_resumed_epoch_reports_the_whole_epochs_time_and_throughput(tmp_path, 
                                rtol=1e-6)
     s = json.loads((tmp_path / "w" / "summary.json").read_text())
     assert s["train_time_complete"] and s["train_images_per_sec"] > 0
+
+
+def test_an_unwritable_metrics_file_mid_run_is_one_message_and_the_epoch_is_kept(
+        tmp_path, two_epochs, monkeypatch):
+    """Writing epoch 2's record fails (permission denied): a ``RunFilesError`` naming the file and
+    the fix, not a raw ``PermissionError``; epoch 2's checkpoint is saved first, so the same run
+    resumed once the file is writable rebuilds the record and ends as an uninterrupted run."""
+    real = train._append_record
+    calls = []
+
+    def failing(path, record):
+        calls.append(record["epoch"])
+        if record["epoch"] == 1:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, record)
+
+    monkeypatch.setattr(train, "_append_record", failing)
+    with pytest.raises(train.RunFilesError, match=r"cannot write .*metrics.jsonl \(PermissionError"
+                                                  r".*after epoch 2, whose checkpoint is saved"):
+        run_in_process(tiny_config(), tmp_path / "w")
+    assert calls == [0, 1] and not (tmp_path / "w" / "summary.json").exists()
+    monkeypatch.setattr(train, "_append_record", real)
+    run_in_process(tiny_config(), tmp_path / "w")
+    assert_same_run(two_epochs, tmp_path / "w")
