@@ -217,6 +217,15 @@ class Checkpointer:
         self.manager.close()
         self.manager = self._manager()
 
+    def prune(self) -> list[int]:
+        """Deletes all but the newest ``keep`` checkpoints (every process calls it; Orbax decides
+        which one deletes) and returns the deleted steps. Orbax prunes after each save; this catches what a kill between a save and
+        its pruning left behind (called once a run is complete, when no fallback is needed)."""
+        extra = self.steps()[:-self.keep] if self.keep else []
+        for step in extra:
+            self.manager.delete(step)
+        return extra
+
     def close(self) -> None:
         self.manager.close()
 

@@ -646,6 +646,10 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
             f"was edited or deleted); they cannot be rebuilt, and summary.json will list them as "
             f"missing.")
     if start_epoch >= config.epochs:
+        pruned = ckpt.prune()
+        if pruned:
+            log(f"Deleted {len(pruned)} checkpoint(s) beyond --config.keep_checkpoints="
+                f"{ckpt.keep} that an interrupted pruning had left: steps {pruned}")
         ckpt.close()
         return _complete(config, workdir, records, state, steps_per_epoch, log)
     ckpt.ensure_writable()

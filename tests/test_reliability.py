@@ -397,3 +397,20 @@ def test_an_unwritable_metrics_file_mid_run_is_one_message_and_the_epoch_is_kept
     monkeypatch.setattr(train, "_append_record", real)
     run_in_process(tiny_config(), tmp_path / "w")
     assert_same_run(two_epochs, tmp_path / "w")
+
+
+def test_checkpoints_left_beyond_keep_by_an_interrupted_pruning_are_deleted_once_complete(
+        tmp_path):
+    """A complete run holding more checkpoints than ``keep_checkpoints`` (what a kill between the
+    final save and Orbax's pruning leaves; here made by lowering the setting) keeps only the newest
+    ``keep_checkpoints`` when the command is run again, and its results are untouched."""
+    run_in_process(tiny_config(checkpoint_every_steps=2, keep_checkpoints=4), tmp_path / "w")
+    ckpts = tmp_path / "w" / "checkpoints"
+    before = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert len(before) == 4
+    summary_text = (tmp_path / "w" / "summary.json").read_text()
+    out = run_in_process(tiny_config(checkpoint_every_steps=2, keep_checkpoints=2), tmp_path / "w")
+    assert out["already_complete"]
+    after = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert after == before[-2:]
+    assert (tmp_path / "w" / "summary.json").read_text() == summary_text
