@@ -899,11 +899,12 @@ def _to_json(x):
 
 def _read_records(path: pathlib.Path, keep_before: int) -> list[dict]:
     """The records of epochs before ``keep_before``. A torn last line (a write cut by a kill) is
-    dropped; a damaged line elsewhere is an error naming it."""
+    dropped; a damaged line elsewhere, or records out of epoch order (swapped or repeated lines), is
+    an error naming the line."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    records = []
+    records, records_seen = [], []  # kept records; (line number, epoch) of every record read
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -915,7 +916,18 @@ def _read_records(path: pathlib.Path, keep_before: int) -> list[dict]:
             raise validation.ConfigError(
                 f"{path} line {number} is not a JSON record: the file was damaged. Restore it, or "
                 f"delete the damaged line to have the run redo or rebuild what it can.") from None
-        if rec.get("epoch", 1 << 30) < keep_before:
+        epoch = rec.get("epoch") if isinstance(rec, dict) else None
+        if not isinstance(epoch, int) or (records_seen and epoch <= records_seen[-1][1]):
+            what = ("has no epoch number" if not isinstance(epoch, int) else
+                    f"repeats epoch {epoch + 1}" if epoch == records_seen[-1][1] else
+                    f"holds epoch {epoch + 1} after line {records_seen[-1][0]}'s epoch "
+                    f"{records_seen[-1][1] + 1}")
+            raise validation.ConfigError(
+                f"{path} line {number} {what}: the records are out of order, so the file was "
+                f"edited or damaged. Restore it, or put its lines in epoch order with one line per "
+                f"epoch (deleting a line has the run rebuild or redo what it can).")
+        records_seen.append((number, epoch))
+        if epoch < keep_before:
             records.append(rec)
     return records
 

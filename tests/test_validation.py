@@ -90,3 +90,20 @@ def test_a_damaged_line_inside_metrics_jsonl_is_named(tmp_path):
         train._read_records(path, keep_before=5)
     path.write_text('{"epoch": 0}\n{"epoch": 1, "tr')  # a torn last line is a cut write: dropped
     assert train._read_records(path, keep_before=5) == [{"epoch": 0}]
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"epoch": 0}\n{"epoch": 2}\n{"epoch": 1}\n{"epoch": 3}\n',
+     r"line 3 holds epoch 2 after line 2's epoch 3: the records are out of order"),
+    ('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 1}\n', r"line 3 repeats epoch 2"),
+    ('{"epoch": 0}\n{"train": {}}\n{"epoch": 1}\n', r"line 2 has no epoch number"),
+])
+def test_swapped_or_repeated_records_in_metrics_jsonl_are_named(tmp_path, text, match):
+    """Two swapped lines, or a repeated one, would make a resume duplicate an epoch's record and
+    the summary count too many epochs: they are refused, naming the line, before anything runs."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    with pytest.raises(validation.ConfigError, match=match):
+        train._read_records(path, keep_before=2)
+    path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')
+    assert train._read_records(path, keep_before=2) == [{"epoch": 0}, {"epoch": 1}]
