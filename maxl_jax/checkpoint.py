@@ -143,8 +143,10 @@ class Checkpointer:
         if chosen not in steps:
             raise CheckpointError(f"no checkpoint of step {chosen} in {self.directory}; it holds "
                                   f"steps {steps}")
-        self._check_identity(chosen)
         try:
+            # An unreadable run record is damage like any other (the fallback applies); a readable
+            # one of other settings is a different run's checkpoint (CheckpointError, no fallback).
+            self._check_identity(chosen)
             state = self._restore_verified(target, chosen)
         except DamagedCheckpointError as damaged:
             intact = self.newest_intact(target, below=chosen)

@@ -414,3 +414,19 @@ def test_checkpoints_left_beyond_keep_by_an_interrupted_pruning_are_deleted_once
     after = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert after == before[-2:]
     assert (tmp_path / "w" / "summary.json").read_text() == summary_text
+
+
+def test_a_damaged_run_record_in_the_newest_checkpoint_falls_back_to_the_intact_one(
+        two_epochs, tmp_path):
+    """The newest checkpoint's ``run/metadata`` (the run's identity) unreadable: refused naming the
+    intact checkpoint, and ``resume_from_intact`` resumes from it like any other damage (the
+    identity check runs inside the restore's error handling)."""
+    workdir = tmp_path / "w"
+    shutil.copytree(two_epochs, workdir)
+    (workdir / "checkpoints" / "12" / "run" / "metadata").write_text('{"method": "ma')
+    with pytest.raises(DamagedCheckpointError) as e:
+        run_in_process(tiny_config(epochs=3), workdir)
+    assert e.value.intact_step == 6 and "--config.resume_step=6" in str(e.value)
+    run_in_process(tiny_config(epochs=3, resume_from_intact=True), workdir)
+    assert (workdir / "damaged_checkpoints").is_dir()
+    assert [r["epoch"] for r in records(workdir)] == [0, 1, 2]
