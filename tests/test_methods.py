@@ -318,6 +318,17 @@ def test_wamal_authors_batch_weight_with_normalisation_has_zero_weight_head_grad
 def fd_implicit_hypergradient(m, state, batches, phi_vec, unravel_phi, build_phi, alpha, terms):
     """``-J^T sum_{j=0..J} (I - alpha H)^j v`` (the authors' Neumann convention) with ``H`` and ``J``
     from float64 central differences of first derivatives, ``v`` exact."""
+    hess, mixed, v = fd_implicit_parts(m, state, batches, phi_vec, unravel_phi, build_phi)
+    q, term = v.copy(), v.copy()
+    for _ in range(terms):
+        term = term - alpha * hess @ term
+        q = q + term
+    return -mixed.T @ q
+
+
+def fd_implicit_parts(m, state, batches, phi_vec, unravel_phi, build_phi):
+    """``(H, J, v)``: the training loss's Hessian in the shared weights and its mixed Jacobian in
+    phi, by float64 central differences of first derivatives, and the held-out gradient ``v``."""
     held, batch = batches["held_out"], batches["train"]
     params, stats = state.multitask_params, state.multitask_batch_stats
     head = params["auxiliary_head"]
@@ -340,12 +351,7 @@ def fd_implicit_hypergradient(m, state, batches, phi_vec, unravel_phi, build_phi
                      for e in eye_w], 1)
     mixed = np.stack([(g(w_vec, phi_vec + eps * e) - g(w_vec, phi_vec - eps * e)) / (2 * eps)
                       for e in eye_p], 1)
-    v = np.asarray(jax.grad(held_loss)(w_vec))
-    q, term = v.copy(), v.copy()
-    for _ in range(terms):
-        term = term - alpha * hess @ term
-        q = q + term
-    return -mixed.T @ q
+    return hess, mixed, np.asarray(jax.grad(held_loss)(w_vec))
 
 
 @pytest.mark.parametrize("combiner", ["linear", "nonlinear"])
@@ -366,6 +372,36 @@ def test_auxilearn_hypergradient_matches_finite_difference_second_derivatives(co
         got = flat(grads["combiner"])
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
         assert np.linalg.norm(want) > 1e-4
+
+
+def test_auxilearn_damped_cg_is_the_implicit_gradient_of_the_damped_hessian():
+    """``--config.auxilearn.solver=cg --config.auxilearn.damping=lambda``: with as many CG
+    iterations as weights, the hypergradient is ``-J^T (H + lambda I)^-1 v`` exactly (lambda above
+    ``-lambda_min(H)``, so the system is positive definite whatever ``H`` is), and differs from the
+    undamped one."""
+    with enable_x64():
+        tasks = (AuxTask("random", PSI),)
+        mt, _ = networks(sum(PSI), width=1, head_width=4)
+        proto = AuxiLearn(multitask=mt, multitask_optimizer=optax.sgd(0.01), aux_tasks=tasks,
+                          meta_optimizer=optax.sgd(1e-3))
+        state = to64(proto.init(jax.random.PRNGKey(5), SHAPE))
+        batches = {"held_out": make_batch(6), "train": make_batch(7, tasks)}
+        comb = state.method_state["combiner"]
+        phi_vec, unravel = jax.flatten_util.ravel_pytree(comb)
+        targets = proto.data_targets(batches["train"], jnp.float64)
+        hess, mixed, v = fd_implicit_parts(proto, state, batches, phi_vec, unravel,
+                                           lambda c: (c, targets))
+        hess = (hess + hess.T) / 2
+        eig = np.linalg.eigvalsh(hess)
+        damping = max(0.0, -eig[0]) + 0.1 * eig[-1]
+        want = -mixed.T @ np.linalg.solve(hess + damping * np.eye(len(v)), v)
+        m = AuxiLearn(multitask=mt, multitask_optimizer=optax.sgd(0.01), aux_tasks=tasks,
+                      meta_optimizer=optax.sgd(1e-3), solver="cg", terms=2 * len(v),
+                      damping=damping)
+        got = flat(jax.jit(m.hypergradient)(state, batches)[0]["combiner"])
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+        undamped = -mixed.T @ np.linalg.lstsq(hess, v, rcond=None)[0]
+        assert np.linalg.norm(undamped - want) > 0.1 * np.linalg.norm(want)
 
 
 def test_auxilearn_generate_hypergradient_reaches_the_generator_and_matches_finite_differences():
@@ -445,3 +481,21 @@ def test_rlaux_and_olaux_summaries_name_their_primary_phase_and_update_modes():
     assert train.summarize(record, config, 10)["mode"]["primary_weight"] == "argmax (the authors')"
     config.rlaux.primary_weight = "expected"
     assert train.summarize(record, config, 10)["mode"]["primary_weight"] == "expected (ours)"
+    for name in ("auxilearn", "auxilearn_generate", "dtg"):
+        config.method = name
+        assert train.summarize(record, config, 10)["mode"]["hypergradient"] == (
+            "Neumann J = 3, without the leading alpha, undamped (the authors')")
+    config.dtg.solver, config.dtg.terms, config.dtg.damping = "cg", 30, 5.0
+    config.method = "dtg"
+    assert train.summarize(record, config, 10)["mode"]["hypergradient"] == (
+        "CG, 30 iterations, damping 5")
+    config.method = "olaux"
+    mode = train.summarize(record, config, 10)["mode"]
+    assert mode["weight step"] == "beta 1 x lr x mean of the 5 products (ours)"
+    assert mode["main gradient"] == "primary loss (ours)"
+    config.olaux.authors = True
+    mode = train.summarize(record, config, 10)["mode"]
+    assert mode["weight step"].endswith("sum of the 5 products (= mean with beta 25) (the authors')")
+    assert mode["gradient smoothing"] == "mean gradients of the last 4 steps (the authors')"
+    assert mode["log losses"].endswith("(the authors')")
+    assert mode["main gradient"] == "whole weighted loss (the authors')"

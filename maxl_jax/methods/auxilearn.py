@@ -116,7 +116,9 @@ class AuxiLearn(base.Method):
     Attributes:
       combiner: ``"linear"`` or ``"nonlinear"``; hidden / init_upper: the nonlinear combiner's.
       meta_optimizer: optax transformation for phi (clip, weight decay, SGD with momentum).
-      solver, terms, scale_by_alpha: the implicit estimator's (``meta.implicit_gradient``).
+      solver, terms, scale_by_alpha, damping: the implicit estimator's (``meta.implicit_gradient``;
+        ``damping`` 0 and Neumann J = 3 are the authors', ``solver="cg", terms=30`` with a damping
+        above ``-lambda_min(H)`` the converged option of ``benchmarks/implicit_hypergradients.py``).
       alpha: the Neumann step (the primary learning rate).
     """
 
@@ -134,6 +136,7 @@ class AuxiLearn(base.Method):
     terms: int = 3
     alpha: float = 0.01
     scale_by_alpha: bool = False
+    damping: float = 0.0
     schedule: base.MetaSchedule = base.MetaSchedule(every=30, sources=("held_out", "train"))
     held_out_fraction: float = 0.05
 
@@ -149,7 +152,7 @@ class AuxiLearn(base.Method):
     def defaults(cls) -> dict:
         return {"combiner": "linear", "hidden": "10,10", "every": 30, "held_out_fraction": 0.05,
                 "meta_lr": 1e-3, "meta_momentum": 0.9, "meta_weight_decay": 5e-3, "clip": 10.0,
-                "solver": "neumann", "terms": 3, "scale_by_alpha": False}
+                "solver": "neumann", "terms": 3, "scale_by_alpha": False, "damping": 0.0}
 
     @classmethod
     def check_fields(cls, fields) -> None:
@@ -179,8 +182,20 @@ class AuxiLearn(base.Method):
                                prefix=where)
         validation.check_range("clip", fields.clip, "float", 0.0, False, prefix=where)
         validation.check_range("terms", fields.terms, "int", 0, prefix=where)
+        validation.check_range("damping", fields.damping, "float", 0.0, prefix=where)
         if "aux_scale" in fields:
             validation.check_range("aux_scale", fields.aux_scale, "float", 0.0, prefix=where)
+
+    @classmethod
+    def mode_of(cls, config) -> dict[str, str]:
+        c = config[cls.name]
+        solver, terms, damping = str(c.solver), int(c.terms), float(c.damping)
+        form = (f"Neumann J = {terms}" + ("" if c.scale_by_alpha else ", without the leading alpha")
+                if solver == "neumann" else f"CG, {terms} iterations")
+        form += f", damping {damping:g}" if damping else ", undamped"
+        authors = solver == "neumann" and terms == 3 and not damping and not c.scale_by_alpha
+        return {**super().mode_of(config),
+                "hypergradient": form + (" (the authors')" if authors else "")}
 
     @classmethod
     def held_out_fraction_of(cls, config) -> float:
@@ -197,6 +212,7 @@ class AuxiLearn(base.Method):
                     meta_optimizer=meta_opt, combiner=str(c.get("combiner", "linear")),
                     hidden=hidden, solver=str(c.solver), terms=int(c.terms),
                     alpha=float(config.lr), scale_by_alpha=bool(c.scale_by_alpha),
+                    damping=float(c.damping),
                     schedule=base.MetaSchedule(every=int(c.every), sources=("held_out", "train")),
                     held_out_fraction=float(c.held_out_fraction))
 
@@ -281,7 +297,7 @@ class AuxiLearn(base.Method):
 
         result = meta.implicit_gradient(inner_loss, outer_loss, shared, phi, solver=self.solver,
                                         terms=self.terms, alpha=self.alpha,
-                                        scale_by_alpha=self.scale_by_alpha)
+                                        scale_by_alpha=self.scale_by_alpha, damping=self.damping)
         grads = self.hypergradient_to_params(state, batch, result.grad_hyper, axis_name)
         return grads, result, carry
 

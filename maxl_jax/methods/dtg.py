@@ -128,8 +128,10 @@ class Dtg(base.Method):
       meta_optimizer: optax transformation for phi (clip, Adam).
       aux_weight: the generated task's weight in the lower-level loss.
       proximity_weight, entropy_weight: the regulariser's two weights (0 and 0: implicit part alone).
-      terms, alpha, scale_by_alpha: the implicit estimator's Neumann series
-        (``meta.implicit_gradient``).
+      solver, terms, alpha, scale_by_alpha, damping: the implicit estimator's
+        (``meta.implicit_gradient``): Neumann J = 3, no damping by default (as AuxiLearn's and
+        MAOAL's code); ``solver="cg", terms=30`` with a damping above ``-lambda_min(H)`` converges
+        (``benchmarks/implicit_hypergradients.py``).
     """
 
     name = "dtg"
@@ -148,6 +150,8 @@ class Dtg(base.Method):
     terms: int = 3
     alpha: float = 0.01
     scale_by_alpha: bool = False
+    solver: str = "neumann"
+    damping: float = 0.0
     schedule: base.MetaSchedule = base.MetaSchedule(every=10, sources=("held_out", "train"))
     held_out_fraction: float = 0.05
 
@@ -161,6 +165,9 @@ class Dtg(base.Method):
         for key in ("aux_weight", "proximity_weight", "entropy_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.solver not in meta.SOLVERS:
+            raise ValueError(f"unknown implicit solver {self.solver!r}; choose one of "
+                             f"{meta.SOLVERS}")
         if set(self.schedule.sources) != {"held_out", "train"}:
             raise ValueError("dtg's meta step takes a 'held_out' and a 'train' batch")
 
@@ -169,7 +176,7 @@ class Dtg(base.Method):
     def defaults(cls) -> dict:
         return {"every": 10, "held_out_fraction": 0.05, "meta_lr": 1e-3, "clip": 10.0,
                 "proximity_weight": 1.0, "hidden": 0, "terms": 3,
-                "scale_by_alpha": False}
+                "scale_by_alpha": False, "solver": "neumann", "damping": 0.0}
 
     @classmethod
     def check_fields(cls, fields) -> None:
@@ -183,6 +190,20 @@ class Dtg(base.Method):
                                prefix=where)
         validation.check_range("hidden", fields.hidden, "int", 0, prefix=where)
         validation.check_range("terms", fields.terms, "int", 0, prefix=where)
+        validation.check_choice("solver", fields.solver, meta.SOLVERS, prefix=where,
+                                meaning="the implicit estimator's inverse")
+        validation.check_range("damping", fields.damping, "float", 0.0, prefix=where)
+
+    @classmethod
+    def mode_of(cls, config) -> dict[str, str]:
+        c = config[cls.name]
+        solver, terms, damping = str(c.solver), int(c.terms), float(c.damping)
+        form = (f"Neumann J = {terms}" + ("" if c.scale_by_alpha else ", without the leading alpha")
+                if solver == "neumann" else f"CG, {terms} iterations")
+        form += f", damping {damping:g}" if damping else ", undamped"
+        authors = solver == "neumann" and terms == 3 and not damping and not c.scale_by_alpha
+        return {**super().mode_of(config),
+                "hypergradient": form + (" (the authors')" if authors else "")}
 
     @classmethod
     def held_out_fraction_of(cls, config) -> float:
@@ -201,7 +222,8 @@ class Dtg(base.Method):
                    gamma=config.gamma, generator=generator, psi=psi, meta_optimizer=meta_opt,
                    aux_weight=float(config.aux_weight), entropy_weight=float(config.entropy_weight),
                    proximity_weight=float(c.proximity_weight), terms=int(c.terms), alpha=float(config.lr),
-                   scale_by_alpha=bool(c.scale_by_alpha),
+                   scale_by_alpha=bool(c.scale_by_alpha), solver=str(c.solver),
+                   damping=float(c.damping),
                    schedule=base.MetaSchedule(every=int(c.every), sources=("held_out", "train")),
                    held_out_fraction=float(c.held_out_fraction))
 
@@ -316,9 +338,10 @@ class Dtg(base.Method):
             return losses.batch_mean(self.primary_losses(logits, held["primary"]), axis_name,
                                      held.get("mask")), {}
 
-        result = meta.implicit_gradient(None, outer_loss, shared, gen, solver="neumann",
+        result = meta.implicit_gradient(None, outer_loss, shared, gen, solver=self.solver,
                                         terms=self.terms, alpha=self.alpha,
-                                        scale_by_alpha=self.scale_by_alpha, grad_map=grad_map)
+                                        scale_by_alpha=self.scale_by_alpha, damping=self.damping,
+                                        grad_map=grad_map)
         inner_loss, parts = result.inner_aux
         result = result._replace(inner_loss=inner_loss, inner_aux=parts)
         h = parts["h"]
