@@ -162,7 +162,8 @@ def main(argv):
         return
     print(f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
           f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), mean of last "
-          f"{summary['last_k']} {summary['last_k_mean_test_accuracy']:.4f}; "
+          f"{summary.get('last_k_evaluated', summary['last_k'])} "
+          f"{summary['last_k_mean_test_accuracy']:.4f}; "
           f"{summary['train_time_s']:.0f} s of training. Results in {_WORKDIR.value}")
 
 

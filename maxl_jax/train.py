@@ -651,7 +651,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
             log(f"Deleted {len(pruned)} checkpoint(s) beyond --config.keep_checkpoints="
                 f"{ckpt.keep} that an interrupted pruning had left: steps {pruned}")
         ckpt.close()
-        return _complete(config, workdir, records, state, steps_per_epoch, log)
+        return _complete(config, workdir, records, state, steps_per_epoch, log, method)
     ckpt.ensure_writable()
     t_compile = compiled.compile(state, data, example_train, example_meta, test, eval_idx)
     if t_compile:
@@ -780,7 +780,7 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         for sig, old in handlers.items():
             signal.signal(sig, old)
     ckpt.close()
-    return _finish(config, workdir, records, state, steps_per_epoch)
+    return _finish(config, workdir, records, state, steps_per_epoch, method)
 
 
 def _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_batch=None):
@@ -984,8 +984,8 @@ def _epoch_line(r: dict, epochs: int, method: Method) -> str:
     return line + f" | {r['epoch_time']:.1f}s"
 
 
-def _finish(config, workdir, records, state, steps_per_epoch) -> dict:
-    summary = summarize(records, config, steps_per_epoch)
+def _finish(config, workdir, records, state, steps_per_epoch, method=None) -> dict:
+    summary = summarize(records, config, steps_per_epoch, method)
     if distributed.is_primary():
         try:
             _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
@@ -1001,14 +1001,14 @@ def _finish(config, workdir, records, state, steps_per_epoch) -> dict:
     return summary
 
 
-def _complete(config, workdir, records, state, steps_per_epoch, log) -> dict:
+def _complete(config, workdir, records, state, steps_per_epoch, log, method=None) -> dict:
     """A run that has already done its epochs: say so and change nothing (the summary is only
     written when absent)."""
     path = workdir / "summary.json"
     if distributed.is_primary() and path.exists():
         summary = json.loads(path.read_text())
     else:
-        summary = _finish(config, workdir, records, state, steps_per_epoch)
+        summary = _finish(config, workdir, records, state, steps_per_epoch, method)
         summary.pop("state")
     log(f"The run in {workdir} is complete ({len(records)} of {config.epochs} epochs done): nothing "
         f"to train. Raise --config.epochs to train further.")
@@ -1024,11 +1024,15 @@ def evaluates(epoch: int, config) -> bool:
     return (epoch + 1) % every == 0 or epoch >= int(config.epochs) - int(config.last_k)
 
 
-def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
+def summarize(records: list[dict], config, steps_per_epoch: int, method=None) -> dict:
     """Final, best (with its epoch number) and mean-of-last-k test accuracy, time and throughput.
 
     ``test_accuracy`` has one entry per epoch, ``None`` for the epochs not evaluated
-    (``eval_every``); best and mean-of-last-k are taken over the evaluated ones.
+    (``eval_every``); best and mean-of-last-k are taken over the evaluated ones. ``last_k`` is the
+    config's; ``last_k_evaluated`` how many evaluated epochs the mean covers (fewer only when the
+    run has fewer). With the built ``method``: ``psi``, the hierarchy its generated or random labels
+    used (``config.psi`` is empty when it comes from ``aux_per_class``; ``None`` for a method with
+    neither), and ``aux_tasks``, its given auxiliary tasks with their hierarchies.
     """
     evaluated = [r for r in records if "test" in r]
     acc = [r["test"]["accuracy"] for r in evaluated]
@@ -1045,7 +1049,7 @@ def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
                                 if records and "test" in records[-1] else None),
         "best_test_accuracy": acc[best] if acc else None,
         "best_epoch": evaluated[best]["epoch"] + 1 if acc else None,
-        "last_k": k, "last_k_mean_test_accuracy": float(np.mean(acc[-k:])) if k else None,
+        "last_k": int(config.last_k), "last_k_evaluated": k, "last_k_mean_test_accuracy": float(np.mean(acc[-k:])) if k else None,
         "test_accuracy": [r["test"]["accuracy"] if "test" in r else None for r in records],
         "complete": not missing, "missing_epochs": [m + 1 for m in missing],
         "train_time_s": float(sum(r.get("epoch_time") or 0.0 for r in records)),
@@ -1053,8 +1057,20 @@ def summarize(records: list[dict], config, steps_per_epoch: int) -> dict:
                                        for r in records),
         "train_images_per_sec": float(np.median(ips)) if ips else None,
         "mode": _mode(config),
+        **({} if method is None else {
+            "psi": _psi_used(method),
+            "aux_tasks": [[t.source, [int(p) for p in t.psi]] for t in method.aux_tasks]}),
         "config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config),
     }
+
+
+def _psi_used(method) -> list[int] | None:
+    """The hierarchy of the method's generated labels, else of its random auxiliary labels (the
+    ``psi`` that ``--config.psi`` or ``aux_per_class`` chose); ``None`` for neither."""
+    psi = getattr(method, "psi", None)
+    if psi is None:
+        psi = next((t.psi for t in method.aux_tasks if t.source == "random"), None)
+    return None if psi is None else [int(p) for p in psi]
 
 
 def _mode(config) -> dict | None:

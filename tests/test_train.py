@@ -274,6 +274,19 @@ def test_eval_every_evaluates_every_nth_and_the_reported_last_k_epochs(tmp_path)
     np.testing.assert_array_equal(flat_params(sparse["state"]), flat_params(dense["state"]))
 
 
+def test_summary_records_the_psi_used_and_the_configs_last_k(tmp_path):
+    """A run whose psi comes from aux_per_class (config.psi empty) records the psi its labels
+    used; last_k is the config's even when fewer epochs were evaluated, and last_k_evaluated says
+    how many the mean covers."""
+    config = tiny_config(method="random", epochs=1, last_k=3, max_steps_per_epoch=1)
+    config.psi, config.aux_per_class = (), 2
+    summary = run(config, tmp_path / "r")
+    assert summary["psi"] == [2] * 20 and summary["aux_tasks"] == [["random", [2] * 20]]
+    assert summary["last_k"] == 3 and summary["last_k_evaluated"] == 1
+    on_disk = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert on_disk["psi"] == [2] * 20 and on_disk["last_k"] == 3
+
+
 def test_resume_step_needs_a_checkpoint_and_is_not_negative(tmp_path):
     """--config.resume_step=-1 is refused by the config check; a positive one on a workdir without
     checkpoints is refused instead of training from scratch."""
