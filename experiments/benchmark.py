@@ -91,6 +91,10 @@ def _given(aux_tasks: str, psi=(), every: int = 0) -> dict:
     return {"equal": Variant("equal", psi, aux_tasks),
             "gcs": Variant("gcs", psi, aux_tasks),
             "olaux": Variant("olaux", psi, aux_tasks),
+            "olaux_authors": Variant("olaux", psi, aux_tasks, (("olaux.authors", True),),
+                                     "the authors' settings (olaux/ddpg.py): summed products, "
+                                     "4-step gradient smoothing, log-losses, total main gradient, "
+                                     "beta 5"),
             "auxilearn_linear": Variant("auxilearn", psi, aux_tasks,
                                         (("auxilearn.combiner", "linear"),
                                          *_every("auxilearn", every)), note),
@@ -138,7 +142,10 @@ PROTOCOLS: dict[str, Protocol] = {
                   "human": Variant("human"), "maxl_psi_human": Variant("maxl", (4, 1, 1, 3, 1)),
                   **_generators((4, 1, 1, 3, 1), "_psi_human", every=28),
                   **_given("human,random", (4, 1, 1, 3, 1), every=28)},
-        budget_variants=("single", "maxl_psi_human")),
+        budget_variants=("single", "maxl_psi_human"),
+        # single, MAXL and the two highest of the 3-seed leaderboard (rlaux 95.63, auxilearn_generate
+        # 95.32, committed 2026-12-07) get seeds 3 and 4 too.
+        more_seeds=("single", "maxl_psi_human", "rlaux_psi_human", "auxilearn_generate_psi_human")),
     # Accelerator protocols: defined and one command each, not run on the CPU (see docs/RESULTS.md).
     # The MAXL reference: CIFAR-100, 20 superclasses, VGG-16-BN, 200 epochs, crop + flip.
     "cifar100_20_vgg16": Protocol(
