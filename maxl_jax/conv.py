@@ -226,8 +226,9 @@ _FNS = {"xla": _conv_xla, "shifted_matmul": _conv_shifted_matmul, "patches": _co
         "hybrid": _conv_hybrid}
 
 
-def conv3x3(x, kernel, bias=None, *, impl: str = "auto", precision=None) -> jax.Array:
-    """3x3 convolution, stride 1, zero padding 1 (SAME), NHWC input, HWIO kernel.
+def conv3x3(x, kernel, bias=None, *, impl: str = "auto", precision=None,
+            stride: int = 1) -> jax.Array:
+    """3x3 convolution, zero padding 1, NHWC input, HWIO kernel; stride 1 (SAME) by default.
 
     Args:
       x: ``(N, H, W, Cin)`` floating-point input.
@@ -236,9 +237,16 @@ def conv3x3(x, kernel, bias=None, *, impl: str = "auto", precision=None) -> jax.
       impl: ``"xla"``, ``"shifted_matmul"``, ``"patches"``, ``"hybrid"`` or ``"auto"`` (module
         docstring).
       precision: passed to the convolution / matrix products (``lax.Precision``), as in ``nn.Conv``.
+      stride: the spatial stride (ResNet's downsampling convolutions take 2). ``"xla"`` passes it to
+        ``lax.conv_general_dilated``; the other forms compute the stride-1 output and keep every
+        ``stride``-th row and column, which is the same function (output ``(i, j)`` of a strided
+        convolution with padding 1 is the stride-1 output at ``(stride i, stride j)``), so every
+        derivative order stays in the form's own operations (at ``stride**2`` times the work of
+        the strided layer).
 
     Returns:
-      ``(N, H, W, Cout)``; inputs of different dtypes are promoted to their common dtype.
+      ``(N, ceil(H / stride), ceil(W / stride), Cout)``; inputs of different dtypes are promoted
+      to their common dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -248,16 +256,26 @@ def conv3x3(x, kernel, bias=None, *, impl: str = "auto", precision=None) -> jax.
         raise ValueError(f"kernel must be (3, 3, {x.shape[-1]}, Cout), got {kernel.shape}")
     dtype = jnp.result_type(x, kernel) if bias is None else jnp.result_type(x, kernel, bias)
     x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
     if impl == "auto":
         impl = select_impl(x.shape, kernel.shape)
-    y = _FNS[impl](x, kernel, precision)
+    if impl == "xla" and stride > 1:
+        y = lax.conv_general_dilated(x, kernel, window_strides=(stride, stride),
+                                     padding=((1, 1), (1, 1)),
+                                     dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+    else:
+        y = _FNS[impl](x, kernel, precision)
+        if stride > 1:
+            y = y[:, ::stride, ::stride]
     if bias is not None:
         y = y + jnp.asarray(bias, dtype)
     return y
 
 
 class Conv3x3(nn.Module):
-    """Drop-in replacement for ``nn.Conv(features, (3, 3), padding=1)`` using :func:`conv3x3`.
+    """Drop-in replacement for ``nn.Conv(features, (3, 3), strides=stride, padding=1)`` using
+    :func:`conv3x3`.
 
     Parameters are named and shaped exactly like ``nn.Conv``'s (``kernel`` ``(3, 3, Cin,
     features)``, ``bias`` ``(features,)``), so parameter trees and checkpoints interchange.
@@ -274,6 +292,7 @@ class Conv3x3(nn.Module):
     bias_init: Callable = nn.initializers.zeros
     use_bias: bool = True
     impl: str = "auto"
+    stride: int = 1
     dtype: Any = None  # computation dtype (None: promote inputs and params, like nn.Conv)
     param_dtype: Any = jnp.float32
     precision: Any = None
@@ -294,4 +313,5 @@ class Conv3x3(nn.Module):
             kernel = precision_lib.cast_in(kernel, self.dtype, self.loss_scale)
             bias = None if bias is None else precision_lib.cast_in(bias, self.dtype,
                                                                    self.loss_scale)
-        return conv3x3(x, kernel, bias, impl=self.impl, precision=self.precision)
+        return conv3x3(x, kernel, bias, impl=self.impl, precision=self.precision,
+                       stride=self.stride)
