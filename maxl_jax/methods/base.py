@@ -423,7 +423,15 @@ def networks(config, setup: Setup, num_auxiliary: int, generator_classes: int | 
         config.arch, setup.num_primary, num_auxiliary, generator_classes or num_auxiliary,
         conv_impl=config.conv_impl, width=config.get("width") or None,
         head_width=config.get("head_width") or None, generator_weight_head=generator_weight_head,
-        dtype=config.get("dtype") or "float32", loss_scale=config.get("loss_scale") or None)
+        dtype=config.get("dtype") or "float32", loss_scale=config.get("loss_scale") or None,
+        image_shape=image_shape_of(setup.dataset))
+
+
+def image_shape_of(dataset: str) -> tuple[int, int, int]:
+    """The images' ``(H, W, C)`` of a data set by its name: 32x32x3 for CIFAR, 28x28x1 for the
+    others (Fashion-MNIST, EMNIST). A backbone of your own is probed at this shape for its feature
+    width (``models.make_networks``)."""
+    return (32, 32, 3) if str(dataset).startswith("cifar") or not dataset else (28, 28, 1)
 
 
 def multitask_optimizer(config, setup: Setup) -> optax.GradientTransformation:

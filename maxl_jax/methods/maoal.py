@@ -31,8 +31,9 @@ hypergradient (only the weight decay moves it).
 
 Modules (``modules``): ``"blocks"``, the backbone's blocks, each conv layer with its BatchNorm (the
 small CNN: its three blocks; VGG-16: its five; the authors' ResNet-18 used conv1..conv4 and the
-rest, ``M = 5``, their ``module_wise``), or ``"tensors"``, one module per parameter tensor (their
-``param_wise``: the small CNN has 12, VGG-16 52).
+rest, ``M = 5``, their ``module_wise``; our ResNet-18: its stem and four stages, ``M = 5``; a
+backbone of your own: its top-level submodules, ``grouped_assignment``), or ``"tensors"``, one
+module per parameter tensor (their ``param_wise``: the small CNN has 12, VGG-16 52, ResNet-18 60).
 
 The authors' defaults (``config/params.json``): the upper step every 10 lower steps (``interval``),
 from the first epoch (``pre = -1``); ``L_dev`` on one batch of a dev split of 5% of the training set
@@ -77,7 +78,7 @@ accuracy over epochs; ours the run's usual numbers.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,57 @@ def module_assignment(backbone_params: Any, convs_per_block, level: str = "block
     else:
         ordered = sorted(keys)
         names = tuple(k[2] for k in ordered)
+        index = {k: i for i, k in enumerate(ordered)}
+    modules = jax.tree_util.tree_map(lambda k: index[k], keyed,
+                                     is_leaf=lambda x: isinstance(x, tuple))
+    return modules, names
+
+
+def grouped_assignment(backbone_params: Any, order: Sequence[str] | None = None,
+                       level: str = "blocks"):
+    """``module_assignment`` for a backbone whose parameters are grouped by top-level submodule
+    (``models.ResNetBackbone``: ``stem``, ``stage1``..; a ``models.CustomBackbone``: its module's
+    own submodules, found below the wrapping single-child levels).
+
+    ``"blocks"``: one module per top-level group, in ``order`` (the backbone's ``module_names``;
+    None: the groups' names in natural order, ``layer2`` before ``layer10``; a parameter directly
+    at the top is a group of its own). ``"tensors"``: one module per tensor, ordered by group, then
+    path. Returns ``(modules, names)`` as ``module_assignment``.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"unknown module level {level!r}; choose one of {LEVELS}")
+    prefix: list[str] = []
+    tree = backbone_params
+    while isinstance(tree, Mapping) and len(tree) == 1 and isinstance(
+            next(iter(tree.values())), Mapping):  # CustomBackbone's "module" wrapper, and such
+        key = next(iter(tree))
+        prefix.append(str(key))
+        tree = tree[key]
+    if not isinstance(tree, Mapping) or not tree:
+        raise ValueError("the backbone has no parameters for MAOAL to place in modules")
+    natural = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]  # noqa: E731
+    groups = [str(k) for k in tree]
+    if order is not None:
+        if sorted(order) != sorted(groups):
+            raise ValueError(f"the backbone's module_names {tuple(order)} are not its top-level "
+                             f"parameter groups {tuple(sorted(groups))}")
+        groups = list(order)
+    else:
+        groups = sorted(groups, key=natural)
+    rank = {g: i for i, g in enumerate(groups)}
+
+    def key_of(path):
+        names = [str(getattr(p, "key", p)) for p in path]
+        return rank[names[len(prefix)]], "/".join(names)
+
+    keyed = jax.tree_util.tree_map_with_path(lambda p, _: key_of(p), backbone_params)
+    keys = jax.tree_util.tree_leaves(keyed, is_leaf=lambda x: isinstance(x, tuple))
+    if level == "blocks":
+        names = tuple(groups)
+        index = {k: k[0] for k in keys}
+    else:
+        ordered = sorted(keys, key=lambda k: (k[0], natural(k[1])))
+        names = tuple(k[1] for k in ordered)
         index = {k: i for i, k in enumerate(ordered)}
     modules = jax.tree_util.tree_map(lambda k: index[k], keyed,
                                      is_leaf=lambda x: isinstance(x, tuple))
@@ -304,9 +356,14 @@ class Maoal(base.Method):
         return 1.0 / self.num_tasks
 
     def module_assignment(self, backbone_params):
-        """``(modules, names)`` of this method's level for the backbone ``backbone_params``."""
-        return module_assignment(backbone_params, self.multitask.backbone.convs_per_block,
-                                 self.modules)
+        """``(modules, names)`` of this method's level for the backbone ``backbone_params``: by
+        conv layer for the VGG-style backbones (``convs_per_block``), else by top-level submodule
+        (``grouped_assignment``: ResNet-18's stem and stages, a custom module's submodules)."""
+        backbone = self.multitask.backbone
+        if hasattr(backbone, "convs_per_block"):
+            return module_assignment(backbone_params, backbone.convs_per_block, self.modules)
+        return grouped_assignment(backbone_params, getattr(backbone, "module_names", None),
+                                  self.modules)
 
     def module_names(self, image_shape=(32, 32, 3)) -> tuple[str, ...]:
         """The ``M`` module names (the columns of ``W``)."""
