@@ -205,7 +205,7 @@ class ConvBackbone(nn.Module):
                 f"images of {x.shape[1]}x{x.shape[2]} pixels shrink to nothing through this "
                 f"backbone's {blocks} 2x2 max-pools (it flattens its last feature map): it needs at "
                 f"least {2 ** blocks}x{2 ** blocks} (pad the images, e.g. Fashion-MNIST's 28x28 to "
-                f"32x32, or use a backbone with global pooling such as arch='small')")
+                f"32x32, or use a backbone with global pooling such as arch='small' or 'resnet18')")
         x = precision.cast_in(x, self.dtype, self.loss_scale)
         layer = 0
         for features, n_convs in zip(self.filters, self.convs_per_block):

@@ -313,3 +313,35 @@ def test_a_bad_backbone_path_on_the_cli_is_one_paragraph_with_exit_2(tmp_path):
                                    "module 'no_such_pkg' to import"), out.stderr
     assert len(paragraph) <= 2 and "PYTHONPATH" in paragraph[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_the_library_example_trains_maxl_on_a_module_of_ones_own():
+    """The README's library example (/tmp/readme_backbones.md at the time of writing), at 16x16
+    images: a Module class straight into make_networks, MAXL built on the networks by hand; a
+    training step moves f, a meta step moves g, both finite."""
+    class Net(nn.Module):
+        width: int = 16
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Conv(self.width, (3, 3))(x)
+            return nn.relu(nn.BatchNorm(use_running_average=not train)(x))  # pooled to (B, width)
+
+    multitask, generator = models.make_networks(Net, num_primary=4, num_auxiliary=20,
+                                                generator_classes=20, width=8)
+    assert multitask.head_width == 8
+    maxl = methods.get("maxl")(multitask=multitask, multitask_optimizer=optax.sgd(0.01),
+                               generator=generator, psi=[5] * 4,
+                               generator_optimizer=optax.sgd(1e-3))
+    state = maxl.init(jax.random.PRNGKey(0), (16, 16, 3))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+             "primary": rng.integers(0, 4, 16).astype(np.int32)}
+    trained, metrics = jax.jit(maxl.train_step)(state, batch)
+    meta, meta_metrics = jax.jit(maxl.meta_step)(trained, {"train": batch})
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(meta_metrics["meta_loss"]))
+    moved = lambda a, b: any(not np.allclose(x, y) for x, y in zip(  # noqa: E731
+        jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    assert moved(trained.multitask_params, state.multitask_params)
+    assert not moved(trained.method_state["params"], state.method_state["params"])
+    assert moved(meta.method_state["params"], trained.method_state["params"])

@@ -28,9 +28,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.aux_tasks = ""                # equal/gcs/olaux/...: "human", "random" or "human,random"
                                     # (empty: human where the data set has fine labels, else random)
     # Networks.
-    c.arch = "vgg16"                # vgg16 | small
-    c.width = 0                     # small CNN: first block's filters (0: 32)
-    c.head_width = 0                # 0: 512 for vgg16, the backbone width for small
+    c.arch = "vgg16"                # vgg16 | resnet18 | small | package.module:Factory (a Flax
+                                    # module of your own: maxl_jax.models.CustomBackbone)
+    c.width = 0                     # small CNN: first block's filters (0: 32); resnet18: the
+                                    # stem's (0: 64, stages 64-128-256-512); your Factory: called
+                                    # as Factory(width=...) when non-zero, Factory() when 0
+    c.head_width = 0                # 0: 512 for vgg16, the backbone's feature width otherwise
     c.conv_impl = "auto"            # auto | xla | shifted_matmul | patches | hybrid
     c.dtype = "float32"             # the networks' compute dtype: float32 | bfloat16 | float16
                                     # (parameters, optimizer states, losses stay float32)
