@@ -386,19 +386,22 @@ class CustomBackbone(nn.Module):
       normalised (mean 0.5, std 0.2 per channel, as every backbone here), of the data set's size
       (32x32x3 for CIFAR, 28x28x1 for Fashion-MNIST and EMNIST).
     * ``extras`` holds the keyword arguments its ``__call__`` names, of: ``train`` (bool: True in
-      training steps, where BatchNorm uses and updates batch statistics; False at evaluation, and
-      in MAXL's label generation where the reference does so); ``axis_name`` (the device axis in a
-      data-parallel run, for synchronised BatchNorm: pass it to ``maxl_jax.models.BatchNorm``, or
-      set it on ``nn.BatchNorm(axis_name=...)`` yourself); ``mask`` (``(B,)`` float, 0 for the
-      padding of a batch the devices do not divide; ``maxl_jax.models.BatchNorm`` takes it).
+      training and meta steps, where BatchNorm uses and updates batch statistics; False at
+      evaluation, at initialisation and where a method uses a network's running statistics, as
+      RL-AUX's policy in its primary phase); ``axis_name`` (None in the training loop, whose data
+      parallelism is jit's sharding, where batch statistics are global anyway; a device axis when
+      the pure steps run inside a user's ``shard_map``: synchronise BatchNorm over it, e.g. with
+      ``maxl_jax.models.BatchNorm``); ``mask`` (``(B,)`` float, 0 for the padding of a batch the
+      devices do not divide; ``maxl_jax.models.BatchNorm`` takes it; a module without it counts
+      the padding examples in its batch statistics, only in such a padded batch).
       A module naming none of them is called with the images alone.
     * It returns features ``(B, F)``, or a feature map ``(B, H', W', F)``, averaged over space
       here. The heads (``Dense(head_width) - ReLU - Dense(K)``) are built on them; ``head_width``
       defaults to ``F``.
-    * Variables: ``params``, and ``batch_stats`` for BatchNorm running statistics (``nn.BatchNorm``
-      or ``models.BatchNorm`` with ``use_running_average=not train``); no other collection, and no
-      random numbers at apply (no dropout): every step here is a deterministic function of the
-      state. A module without BatchNorm gets an empty scalar ``batch_stats/none`` so every
+    * Variables: ``params``, and ``batch_stats`` for BatchNorm running statistics
+      (``nn.BatchNorm(use_running_average=not train)``, or ``models.BatchNorm()(x, train)``); no
+      other collection, and no random numbers at apply (no dropout): every step here is a
+      deterministic function of the state. A module without BatchNorm gets an empty scalar ``batch_stats/none`` so every
       network has the collection.
     * Precision is the module's own (the networks' heads compute in float32): build a lower
       precision into it; ``--config.dtype`` and ``loss_scale`` apply to the built-in backbones.
