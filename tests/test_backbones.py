@@ -94,6 +94,18 @@ def test_width_scales_every_resnet18_filter_count(width):
     assert multitask.head_width == 8 * width
 
 
+def test_resnet18_computes_in_the_compute_dtype_with_float32_parameters_and_logits():
+    multitask, _ = models.make_networks("resnet18", 4, 8, 8, width=1, dtype="bfloat16")
+    variables = param_shapes(multitask)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    features = jax.eval_shape(lambda v, x: multitask.backbone.apply(
+        {k: c["backbone"] for k, c in v.items()}, x, False), variables, x)
+    assert features.dtype == jnp.bfloat16
+    primary, aux = jax.eval_shape(lambda v, x: multitask.apply(v, x, False), variables, x)
+    assert primary.dtype == aux.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("impl", ["xla", "patches", "shifted_matmul", "hybrid"])
 @pytest.mark.parametrize("size", [8, 7])
 def test_strided_conv3x3_is_lax_strided_convolution_and_its_gradient(impl, size):
