@@ -37,7 +37,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 from maxl_jax import data as data_lib
-from maxl_jax import distributed, methods, train, validation
+from maxl_jax import compilation_cache, distributed, methods, train, validation
 from maxl_jax.checkpoint import CheckpointError
 
 if __name__ == "__main__":  # imported: from here on Ctrl-C is a KeyboardInterrupt again
@@ -61,8 +61,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Several processes:
                                       "cluster JAX detects.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Several processes: this one's id, 0 to "
                                    "num_processes - 1 (or MAXL_PROCESS_ID); 0 writes the logs.")
-
-
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Folder of JAX's persistent compilation cache, so that a rerun or "
+    "resume of the same config loads its compiled steps instead of compiling them (default: "
+    "JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/maxl_jax/jax_cache, i.e. "
+    "~/.cache/maxl_jax/jax_cache); --compilation_cache=none turns it off. An unwritable folder "
+    "is warned about once and the run goes on without it.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the Python traceback of an error "
                                 "(also with MAXL_TRACEBACK=1); by default a user error prints one "
                                 "paragraph.")
@@ -135,6 +139,7 @@ def main(argv):
     if _METHOD.value:
         config.method = _METHOD.value
     show_traceback = _wants_traceback()
+    compilation_cache.enable(compilation_cache.resolve(_COMPILATION_CACHE.value))  # pre-compile
     try:  # before any JAX computation
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
