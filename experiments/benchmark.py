@@ -480,9 +480,10 @@ def _figure(size):
     return fig
 
 
-def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
-    """Three PNGs: paired differences with 95% intervals, cost against gain, learning curves."""
-    paths = []
+def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> dict:
+    """Three PNGs in ``out``: paired differences with 95% intervals, cost against gain, learning
+    curves. Returns {path: matplotlib Figure}, in that order (a notebook displays the Figures)."""
+    paths = {}
     diffs = [r for r in rows if r["diff"]]
     if diffs:
         fig = _figure((7, 0.35 * len(diffs) + 1.5))
@@ -499,8 +500,8 @@ def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> list[path
         ax.set_xlabel("test accuracy minus single-task, paired by seed (points, 95% CI)")
         ax.set_title(f"{protocol}: gain over single-task")
         fig.tight_layout()
-        paths.append(out / f"{protocol}_paired.png")
-        fig.savefig(paths[-1], dpi=110)
+        paths[out / f"{protocol}_paired.png"] = fig
+        fig.savefig(out / f"{protocol}_paired.png", dpi=110)
         fig = _figure((6.5, 4.5))
         ax = fig.add_subplot()
         for r in diffs:
@@ -515,8 +516,8 @@ def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> list[path
         ax.set_ylabel("gain over single-task (points)")
         ax.set_title(f"{protocol}: cost against gain")
         fig.tight_layout()
-        paths.append(out / f"{protocol}_cost_gain.png")
-        fig.savefig(paths[-1], dpi=110)
+        paths[out / f"{protocol}_cost_gain.png"] = fig
+        fig.savefig(out / f"{protocol}_cost_gain.png", dpi=110)
     if rows:
         fig = _figure((8, 5))
         ax = fig.add_subplot()
@@ -533,16 +534,17 @@ def plot_report(protocol: str, rows: list[dict], out: pathlib.Path) -> list[path
                title=f"{protocol}: learning curves")
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        paths.append(out / f"{protocol}_curves.png")
-        fig.savefig(paths[-1], dpi=110)
+        paths[out / f"{protocol}_curves.png"] = fig
+        fig.savefig(out / f"{protocol}_curves.png", dpi=110)
     return paths
 
 
-def plot_label_grid(record: dict, images: np.ndarray, names, path: pathlib.Path, title: str,
-                    per_class: int = 4) -> None:
+def plot_label_grid(record: dict, images: np.ndarray, names, path: pathlib.Path | None, title: str,
+                    per_class: int = 4):
     """One row per primary class; in it, for each of its auxiliary classes, the ``per_class`` test
     images the generator assigns to it most confidently (argmax), and the effective number of
-    auxiliary classes the row uses. A class no image is assigned to is left blank."""
+    auxiliary classes the row uses. A class no image is assigned to is left blank. Saved at ``path``
+    (None: not saved) and returned as a matplotlib Figure."""
     psi = np.asarray(record["psi"])
     starts = np.concatenate([[0], np.cumsum(psi)[:-1]])
     cols = int(psi.max()) * per_class
@@ -566,33 +568,35 @@ def plot_label_grid(record: dict, images: np.ndarray, names, path: pathlib.Path,
                 if i < len(idx):
                     ax.imshow(images[idx[i]].squeeze(), cmap="gray_r")
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    if path is not None:
+        fig.savefig(path, dpi=80, bbox_inches="tight")
+    return fig
 
 
-def plot_labels(protocol: str, results: pathlib.Path, out: pathlib.Path, data_dir=None) -> list:
+def plot_labels(protocol: str, results: pathlib.Path, out: pathlib.Path, data_dir=None) -> dict:
     """The label grid of every variant whose seed 0 left a ``labels.npz`` (needs the test images:
-    skipped, saying so, when the data folder is absent)."""
+    skipped, saying so, when the data folder is absent): {path: matplotlib Figure}."""
     from maxl_jax import data as data_lib
 
     spec = PROTOCOLS[protocol]
     records = [(v, results / protocol / v / "seed0" / "labels.npz") for v in spec.variants]
     records = [(v, f) for v, f in records if f.is_file()]
     if not records:
-        return []
+        return {}
     try:
         ds = data_lib.load_dataset(spec.dataset, data_dir=data_dir or str(shared_data_root() /
                                                                          spec.data_subdir))
     except (data_lib.DatasetNotFoundError, ValueError) as e:
         print(f"label grids of {protocol} skipped: no test images ({e})", file=sys.stderr)
-        return []
-    paths = []
+        return {}
+    paths = {}
     for variant, f in records:
         rec = dict(np.load(f))
         path = out / f"{protocol}_{variant}_labels.png"
-        plot_label_grid(rec, ds.test.images, ds.primary_names, path,
-                        f"{protocol} / {variant} (seed 0): test images per generated class, most "
-                        f"confident first")
-        paths.append(path)
+        paths[path] = plot_label_grid(
+            rec, ds.test.images, ds.primary_names, path,
+            f"{protocol} / {variant} (seed 0): test images per generated class, most confident "
+            f"first")
     return paths
 
 

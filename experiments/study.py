@@ -129,23 +129,27 @@ def table(protocol: str, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(protocol: str, results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_curves(protocol: str, results: dict, path: pathlib.Path | None):
+    """Mean +- std test accuracy per epoch of each variant: saved at ``path`` (None: not saved) and
+    returned as a matplotlib Figure."""
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from maxl_jax.train import new_figure
+
+    fig = new_figure((7, 4.5))
+    ax = fig.add_subplot()
     for variant, runs in results.items():
         acc = 100 * np.array([r["test_accuracy"] for r in runs])
         x = np.arange(1, acc.shape[1] + 1)
         ax.plot(x, acc.mean(0), label=variant)
         ax.fill_between(x, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{protocol}: mean +- std over seeds")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
 
 
 def generated_label_summary(soft: np.ndarray, primary: np.ndarray, psi) -> tuple:
@@ -172,14 +176,13 @@ def generated_label_summary(soft: np.ndarray, primary: np.ndarray, psi) -> tuple
     return np.array(eff), np.array(won), np.array(ent), counts, owner
 
 
-def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class: int = 6) -> None:
+def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path | None, per_class: int = 6):
     """Per primary class: the auxiliary classes available (psi), the effective number in use (exp of
     the entropy of the class's mean soft label), how many ever win the argmax, and the mean label
     entropy; then a grid of test images for each auxiliary class that wins the argmax for at least
-    one image (rows, most confident first). Classes that never win are listed, not drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    one image (rows, most confident first). Classes that never win are listed, not drawn. Saved at
+    ``path`` (None: not saved) and returned as a matplotlib Figure."""
+    from maxl_jax.train import new_figure
 
     d = np.load(npz_path)
     soft, primary, images, psi = d["soft"], d["primary"], d["images"], d["psi"]
@@ -188,7 +191,7 @@ def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class:
     assigned = soft.argmax(1)
     k = int(psi.sum())
     rows = [j for j in range(k) if counts[j] > 0]
-    fig = plt.figure(figsize=(4 + per_class * 0.9, 3.6 + len(rows) * 0.9))
+    fig = new_figure((4 + per_class * 0.9, 3.6 + len(rows) * 0.9))
     grid = fig.add_gridspec(len(rows) + 4, per_class + 1)
     ax = fig.add_subplot(grid[:3, :])
     xs = np.arange(len(psi))
@@ -217,8 +220,9 @@ def plot_generated_labels(npz_path: pathlib.Path, path: pathlib.Path, per_class:
             if i < len(idx):
                 a.imshow(images[idx[i]].squeeze(), cmap="gray")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=90)
+    return fig
 
 
 def main(argv):

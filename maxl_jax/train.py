@@ -1082,15 +1082,25 @@ def _mode(config) -> dict | None:
         return None
 
 
-def plot_learning_curves(records: list[dict], path: pathlib.Path, report=(), title: str = "") -> None:
-    """Train/test loss and accuracy per epoch, and the method's meta-step quantities, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def new_figure(figsize):
+    """A matplotlib Figure on its own Agg canvas: drawn and saved without pyplot, so no backend is
+    chosen and no global figure is left open; a notebook displays the Figure returned."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_learning_curves(records: list[dict], path: pathlib.Path | None, report=(),
+                         title: str = ""):
+    """Train/test loss and accuracy per epoch, and the method's meta-step quantities: saved as a PNG
+    at ``path`` (None: not saved) and returned as a matplotlib Figure (None without records)."""
     from matplotlib.ticker import MaxNLocator
 
     if not records:
-        return
+        return None
     nan = float("nan")
 
     def get(r, part, key):
@@ -1098,7 +1108,8 @@ def plot_learning_curves(records: list[dict], path: pathlib.Path, report=(), tit
 
     epochs = [r["epoch"] + 1 for r in records]
     has_meta = any(r.get("meta") for r in records) and report
-    fig, axes = plt.subplots(1, 3 if has_meta else 2, figsize=(15 if has_meta else 10, 4))
+    fig = new_figure((15 if has_meta else 10, 4))
+    axes = fig.subplots(1, 3 if has_meta else 2)
     ax = axes[0]
     ax.plot(epochs, [get(r, "train", "primary_loss") for r in records], label="train primary")
     ax.plot(epochs, [get(r, "test", "loss") for r in records], ".-", label="test primary")
@@ -1119,5 +1130,6 @@ def plot_learning_curves(records: list[dict], path: pathlib.Path, report=(), tit
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
