@@ -67,6 +67,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/maxl_jax/jax_cache, i.e. "
     "~/.cache/maxl_jax/jax_cache); --compilation_cache=none turns it off. An unwritable folder "
     "is warned about once and the run goes on without it.")
+_HELPCONFIG = flags.DEFINE_bool(
+    "helpconfig", False, "Print every config field (--config.<field>, each method's own "
+    "--config.<method>.<field>) with its type, default and meaning, and exit; "
+    "--helpconfig=markdown prints it as docs/CONFIG.md.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the Python traceback of an error "
                                 "(also with MAXL_TRACEBACK=1); by default a user error prints one "
                                 "paragraph.")
@@ -92,6 +96,9 @@ def parse_flags(argv):
     flag, a misspelled config field (with ml_collections' "did you mean"), a config file that does
     not load. ``--traceback`` (or MAXL_TRACEBACK=1) shows the traceback instead."""
     show = _wants_traceback(argv)
+    for arg in argv[1:]:
+        if arg in ("--helpconfig", "--helpconfig=markdown"):
+            _print_config_reference(arg.endswith("markdown"))
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -117,6 +124,14 @@ def parse_flags(argv):
         _config_file_error(e, argv)
 
 
+def _print_config_reference(as_markdown: bool = False) -> None:
+    """--helpconfig: the config reference (experiments/config_reference.py), then exit 0."""
+    from experiments import config_reference
+
+    print(config_reference.markdown() if as_markdown else config_reference.text(), end="")
+    sys.exit(0)
+
+
 def _config_file_error(e: OSError, argv) -> None:
     path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
     reason = str(e).strip().splitlines()[-1].strip()
@@ -126,6 +141,8 @@ def _config_file_error(e: OSError, argv) -> None:
 
 def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax logs every save, TFDS every probe of a data dir
+    if _HELPCONFIG.value:  # (parse_flags answers --helpconfig before parsing; this: app.run(main))
+        _print_config_reference()
     if len(argv) > 1:
         _flag_error(f"unexpected arguments {argv[1:]}: every setting is a flag (--name=value, "
                     f"--config.field=value); `python -m experiments.cifar --helpshort` lists them.")

@@ -18,13 +18,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.primary_level = 20            # cifar100 only: 20, 10 or 3 primary classes
     c.train_fraction = 1.0          # stratified fraction of the training set (low-data protocol)
     c.eval_split = "test"           # test | validation: evaluate on validation_size training images
-    c.validation_size = 5000        # that train_fraction leaves unused (to choose budgets without
+                                    # that train_fraction leaves unused (to choose budgets without
                                     # the test set)
+    c.validation_size = 5000        # training images of the validation split (eval_split)
     c.augment = True                # random crop (padding 4) + horizontal flip, as the reference
     # Method and hierarchy.
     c.method = "maxl"               # any of maxl_jax.methods.names(); see the README's method table
     c.psi = ()                      # auxiliary classes per primary class; empty: aux_per_class each
-    c.aux_per_class = 5
+    c.aux_per_class = 5             # auxiliary classes per primary class when psi is empty
     c.aux_tasks = ""                # equal/gcs/olaux/...: "human", "random" or "human,random"
                                     # (empty: human where the data set has fine labels, else random)
     # Networks.
@@ -40,21 +41,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss_scale = 1.0              # static loss scale, a power of two (1: none); only for methods
                                     # without a meta step (see maxl_jax/precision.py)
     # Optimisation (the reference's values).
-    c.batch_size = 100
-    c.epochs = 200
-    c.lr = 0.01                     # theta1: SGD, no momentum
-    c.generator_lr = 1e-3           # theta2: SGD with L2 weight decay
-    c.weight_decay = 5e-4
+    c.batch_size = 100              # training batch (all devices together)
+    c.epochs = 200                  # epochs to train (a resumed run trains up to this many)
+    c.lr = 0.01                     # theta1's (the multi-task network's): SGD, no momentum
+    c.generator_lr = 1e-3           # theta2's (the label generator's): SGD with L2 weight decay
+    c.weight_decay = 5e-4           # L2 weight decay of the generator (theta2) and MAOAL's
     c.inner_lr = 0.01               # alpha of the differentiated inner step
     c.decay_every = 50              # rates halved from epochs 50, 100, ... (inner alpha: 49, 99, ...)
-    c.inner_steps = 1
-    c.entropy_weight = 0.2
-    c.aux_weight = 1.0
-    c.gamma = 2.0                   # focal loss
+    c.inner_steps = 1               # differentiated inner steps of the meta step (MAXL, WAMAL)
+    c.entropy_weight = 0.2          # weight of the generated labels' entropy regulariser
+    c.aux_weight = 1.0              # weight of the auxiliary loss (per task) in the training loss
+    c.gamma = 2.0                   # focal loss's gamma (0: cross-entropy)
     c.meta_form = "reverse"         # reverse | forward_over_reverse (exact) | finite_difference | reference_first_order (MAXL)
     # Run.
-    c.seed = 0
-    c.eval_batch_size = 500
+    c.seed = 0                      # initialisation, data order and training subset
+    c.eval_batch_size = 500         # evaluation batch (all devices together)
     c.max_steps_per_epoch = 0       # 0: the whole training set each epoch
     c.checkpoint_every_steps = 0    # N: also a checkpoint every N steps (training and meta steps)
     c.steps_per_call = 0            # up to N consecutive steps of one kind in one compiled call
