@@ -14,6 +14,7 @@ loading, the epochs and evaluation included). Without ``--data-dir`` the runs us
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import platform
 import re
@@ -69,7 +70,10 @@ def main(argv=None) -> str:
              f"{args.method} on {args.config}, {args.epochs} epoch(s) of {args.steps} steps, "
              f"{'data ' + args.data_dir if args.data_dir else 'TFDS mock data'}; "
              f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
-             f"jax {__import__('jax').__version__}, {__import__('jax').default_backend()}.", "",
+             f"jax {__import__('jax').__version__}, {__import__('jax').default_backend()}, "
+             f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end "
+             f"(the load of other work on the machine makes the times noisy; the entries "
+             f"column is exact).", "",
              "| run | \"Compiled the steps in\" | cache entries written | wall time |",
              "|---|---|---|---|"]
     for label, compiled, written, wall in rows:
