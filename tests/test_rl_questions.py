@@ -18,10 +18,11 @@ from maxl_jax.rl import questions as q
 def _play(keys, actions):
     """Runs ``envs.step`` (vmapped) for the 9 steps of an episode; returns the per-step states,
     rewards, dones and observations, stacked on a leading time axis."""
-    state, obs0 = jax.vmap(envs.reset)(keys)
+    state, obs0 = jax.jit(jax.vmap(envs.reset))(keys)
     states, rewards, dones, observations = [state], [], [], [obs0]
+    step = jax.jit(jax.vmap(envs.step))
     for t in range(envs.EPISODE_LENGTH):
-        state, ts = jax.vmap(envs.step)(state, actions[:, t])
+        state, ts = step(state, actions[:, t])
         states.append(state)
         rewards.append(ts.reward)
         dones.append(ts.done)
@@ -157,8 +158,10 @@ def test_one_step_library_meta_gradient_equals_the_unrolled_scan():
         cfg = q.Config(**TINY)
         theta, opt_state, eta, trajs = _tiny_setup(cfg, 2)
         stacked = jax.tree_util.tree_map(lambda x: x[None], trajs[0])
-        lib = q.meta_gradient(theta, opt_state, eta, stacked, trajs[1], cfg)
-        scan = q.unrolled_meta_gradient(theta, opt_state, eta, stacked, trajs[1], cfg)
+        lib = jax.jit(q.meta_gradient, static_argnums=5)(theta, opt_state, eta, stacked,
+                                                           trajs[1], cfg)
+        scan = jax.jit(q.unrolled_meta_gradient, static_argnums=5)(theta, opt_state, eta, stacked,
+                                                                   trajs[1], cfg)
         np.testing.assert_allclose(lib[0], scan[0], rtol=1e-12)
         for a, b in zip(jax.tree_util.tree_leaves(lib[1]), jax.tree_util.tree_leaves(scan[1])):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-15)
@@ -169,19 +172,25 @@ def test_one_step_library_meta_gradient_equals_the_unrolled_scan():
 def test_no_aux_answer_loss_gives_zero_gradient_to_theta():
     """questions="none": the agent's gradient is the actor-critic loss's alone, exactly (the answer
     head gets 0 and Adam leaves it unchanged); with hand-designed questions it is not."""
-    base = dict(num_envs=8, unroll=5, hidden=16)
+    # "none" and "hand" have the same theta (a 50-question answer head) and the same unrolls
+    theta, _, eta, (traj,) = _tiny_setup(q.Config(**{**TINY, "questions": "hand"}), 1)
     for kind in ("none", "hand"):
-        cfg = q.Config(questions=kind, **base)
-        theta, opt_state, eta, (traj,) = _tiny_setup(cfg, 1)
-        g_total = jax.grad(lambda p: q.agent_loss(p, eta, traj, cfg)[0])(theta)
-        g_rl = jax.grad(lambda p: q.actor_critic_loss(p, traj, cfg)[0])(theta)
-        ans = float(q.answer_loss(theta, eta, traj, cfg)[0])
-        assert ans > 0  # the answer loss itself is not zero: only its weight is
+        cfg = q.Config(**{**TINY, "questions": kind})
+        eta = q.init_questions(jax.random.PRNGKey(0), cfg)
+
+        def parts(p, s):
+            return (jax.grad(lambda p: q.agent_loss(p, eta, traj, cfg)[0])(p),
+                    jax.grad(lambda p: q.actor_critic_loss(p, traj, cfg)[0])(p),
+                    q.answer_loss(p, eta, traj, cfg)[0],
+                    q.agent_update(p, s, eta, traj, cfg)[0])
+        # a fresh Adam state: the setup's update ("hand") left momentum in the answer head
+        fresh = q.agent_optimizer(cfg).init(theta)
+        g_total, g_rl, ans, new_theta = jax.jit(parts)(theta, fresh)
+        assert float(ans) > 0  # the answer loss itself is not zero: only its weight is
         same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree_util.tree_leaves(g_total),
                                                               jax.tree_util.tree_leaves(g_rl)))
         answers_zero = all(bool(jnp.all(x == 0))
                            for x in jax.tree_util.tree_leaves(g_total["answers"]))
-        new_theta, _, _ = q.agent_update(theta, opt_state, eta, traj, cfg)
         unchanged = all(bool(jnp.array_equal(a, b)) for a, b in zip(
             jax.tree_util.tree_leaves(new_theta["answers"]),
             jax.tree_util.tree_leaves(theta["answers"])))
@@ -192,10 +201,11 @@ def test_no_aux_answer_loss_gives_zero_gradient_to_theta():
 
 
 def test_answers_only_representation_trains_the_torso_by_the_answer_loss_alone():
-    cfg = q.Config(questions="hand", representation="answers", num_envs=8, unroll=5, hidden=16)
+    cfg = q.Config(**{**TINY, "questions": "hand", "representation": "answers"})
     theta, _, eta, (traj,) = _tiny_setup(cfg, 1)
-    g_total = jax.grad(lambda p: q.agent_loss(p, eta, traj, cfg)[0])(theta)
-    g_ans = jax.grad(lambda p: q.answer_loss(p, eta, traj, cfg)[0])(theta)
+    g_total, g_ans = jax.jit(lambda p: (
+        jax.grad(lambda p: q.agent_loss(p, eta, traj, cfg)[0])(p),
+        jax.grad(lambda p: q.answer_loss(p, eta, traj, cfg)[0])(p)))(theta)
     for layer in ("torso1", "torso2"):
         for a, b in zip(jax.tree_util.tree_leaves(g_total[layer]),
                         jax.tree_util.tree_leaves(g_ans[layer])):
