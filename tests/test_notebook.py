@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "maxl_colab.ipynb"
@@ -67,3 +68,29 @@ def test_the_colab_notebook_runs_and_shows_its_plots_inline(tmp_path):
         assert base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
     assert not any(o for c in cells if c not in plot_cells for o in c["outputs"]), \
         "a cell other than the plots ends in a value (Colab would print it)"
+
+
+def test_the_install_cell_finds_an_uploaded_folder_or_zip_of_the_repository(tmp_path):
+    """The first cell's ``local_copy``: the repository as a folder in /content, else a zip there
+    (GitHub's "Download ZIP" holds one folder, maxl_jax-main/), unpacked; else nothing (a broken
+    zip, or a zip of something else, is passed over)."""
+    install = next(c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code")
+    namespace = {}
+    exec("".join(install["source"]), namespace)  # maxl_jax is importable here: installs nothing
+    local_copy = namespace["local_copy"]
+    assert local_copy(str(tmp_path)) is None
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")  # skipped, no crash
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:  # a zip of something else
+        z.writestr("images/a.png", "")
+    assert local_copy(str(tmp_path)) is None
+    with zipfile.ZipFile(tmp_path / "maxl_jax-main.zip", "w") as z:
+        z.writestr("maxl_jax-main/setup.cfg", "[metadata]\nname = maxl_jax\n")
+        z.writestr("maxl_jax-main/maxl_jax/__init__.py", "")
+    found = local_copy(str(tmp_path))
+    assert found and pathlib.Path(found, "maxl_jax", "__init__.py").is_file()
+    assert pathlib.Path(found).parent.name == "maxl_jax_unzipped"
+    folder = tmp_path / "maxl_jax"
+    (folder / "maxl_jax").mkdir(parents=True)
+    (folder / "setup.cfg").write_text("")
+    (folder / "maxl_jax" / "__init__.py").write_text("")
+    assert local_copy(str(tmp_path)) == str(folder)  # a folder wins over the zip
