@@ -92,14 +92,17 @@ def _cli(workdir, *flags):
     return out
 
 
-@pytest.mark.slow  # three tiny command-line runs: about 35 s on two cores
-def test_a_rerun_of_the_command_line_writes_no_new_cache_entry(tmp_path):
+@pytest.mark.slow  # four tiny command-line runs: about 45 s on two cores
+def test_a_rerun_or_resume_of_the_command_line_writes_no_new_cache_entry(tmp_path):
     cache = tmp_path / "cache"
     _cli(tmp_path / "first", f"--compilation_cache={cache}")
     written = _entries(cache)
     assert written, "the command line wrote no cache entry"
     _cli(tmp_path / "second", f"--compilation_cache={cache}")
     assert _entries(cache) == written, "the rerun compiled (and wrote) programs again"
+    out = _cli(tmp_path / "first", f"--compilation_cache={cache}", "--config.epochs=2")
+    assert "Resumed from" in out.stdout + out.stderr
+    assert _entries(cache) == written, "the resume compiled (and wrote) programs again"
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = _cli(tmp_path / "third", f"--compilation_cache={blocker / 'cache'}")
