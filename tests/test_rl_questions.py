@@ -110,7 +110,7 @@ def _held_objective(theta, opt_state, eta0, cfg, inner, outer):
     refs, p, s = [], theta, opt_state
     for traj in inner:
         refs.append(p)
-        p, s, _ = q.agent_update(p, s, eta0, traj, cfg)
+        p, s, _ = _update(p, s, eta0, traj, cfg)
     refs.append(p)
 
     def f(e):
