@@ -97,9 +97,9 @@ def main(argv=None):
 
     lines = ["# Discovery of useful questions on Catch", "",
              f"Made by `{meta['command']}` ({total / 60:.1f} min on a loaded 2-core CPU, jax "
-             f"{jax.__version__}); every run's numbers in `{out.with_suffix('.json').name}`, curves "
-             f"in `{out.stem}_curves.png`. Seeds {', '.join(map(str, seeds))}; mean ± std over "
-             "seeds (sample std).", "",
+             f"{jax.__version__}); every run's numbers in `{out.with_suffix('.json').name}`, "
+             f"curves in `{out.stem}_curves.png`. Seeds {', '.join(map(str, seeds))}; mean ± std "
+             "over seeds (sample std).", "",
              f"Agent: A2C, {cfg0.num_envs} Catch environments, unrolls of {cfg0.unroll} steps, "
              f"gamma {cfg0.discount}, torso 2 x {cfg0.hidden} ReLU, Adam {cfg0.learning_rate}; "
              f"answer weight {cfg0.answer_weight}; discovered/random: {cfg0.num_questions} "

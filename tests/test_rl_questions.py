@@ -147,8 +147,8 @@ def test_meta_gradient_of_eta_matches_float64_central_differences(k, representat
             d = jnp.asarray(d)
             fd = (f(unravel(flat + h * d)) - f(unravel(flat - h * d))) / (2 * h)
             exact = jnp.dot(g, d)
-            assert abs(float(fd - exact)) <= 1e-6 * float(jnp.linalg.norm(g) * jnp.linalg.norm(d)), \
-                (float(fd), float(exact))
+            scale = float(jnp.linalg.norm(g) * jnp.linalg.norm(d))
+            assert abs(float(fd - exact)) <= 1e-6 * scale, (float(fd), float(exact))
 
 
 def test_one_step_library_meta_gradient_equals_the_unrolled_scan():

@@ -5,13 +5,13 @@ of Useful Questions as Auxiliary Tasks", NeurIPS 2019, arXiv 1909.04607).
 
 The paper's architecture (its Fig. 1): a main-task-and-answer network with parameters ``theta``
 (here an MLP torso on the board, a policy head, a value head and an answer head ``y_theta(o_t)`` in
-``R^n``) and a question network with parameters ``eta`` that reads *future* observations and outputs,
-for each of ``n`` questions, a cumulant and a discount, which together define ``n`` general value
-functions (GVFs, Sutton et al. 2011). The equations, in our notation and numbered (Q1)-(Q4) by us
-(the paper uses its own symbols and numbering):
+``R^n``) and a question network with parameters ``eta`` that reads *future* observations and
+outputs, for each of ``n`` questions, a cumulant and a discount, which together define ``n`` general
+value functions (GVFs, Sutton et al. 2011). The equations, in our notation and numbered (Q1)-(Q4)
+by us (the paper uses its own symbols and numbering):
 
-(Q1) Questions, from the next observation (``j = 1`` future observation; ``o_{t+1}`` is the board the
-     step produced, the terminal board at an episode's end):
+(Q1) Questions, from the next observation (``j = 1`` future observation; ``o_{t+1}`` is the board
+     the step produced, the terminal board at an episode's end):
         ``u_t = tanh(f_eta(o_{t+1}))[:n]``,  ``gamma_t = sigmoid(f_eta(o_{t+1}))[n:]``
      (``f_eta`` an MLP; the tanh bound on cumulants is our choice).
 
@@ -52,14 +52,15 @@ functions (GVFs, Sutton et al. 2011). The equations, in our notation and numbere
 What the paper does: it meta-learns ``eta`` through several successive agent updates, its
 "non-myopic" meta-gradient (the abstract's term), motivated by a one-step meta-gradient seeing only
 an update's immediate effect (the unroll lengths it used are not restated here: only the paper's
-abstract and figure captions were available when this was written). Our default is ``k = 1`` (``Config.meta_steps``), the simplest online
-form (Xu et al. 2018's one-step cross-validation) and the one ``maxl_jax.meta.meta_gradient``
-computes; ``k > 1`` is implemented, tested against finite differences, and measured: the
-reverse-mode meta-gradient through ``k`` updates holds ``k`` unrolls and ``k`` second-order update
-graphs (memory and compile time grow with ``k``), and ``eta`` then moves once per ``k`` agent updates.
-On Catch with the answers-only torso, ``k = 5`` was both better and far more reliable than ``k = 1``
-(docs/results/rl_questions.md, rl_questions_k5.md), the direction the paper argues for; the two
-differ in horizon and also in how often ``eta`` moves, and we did not separate those.
+abstract and figure captions were available when this was written). Our default is ``k = 1``
+(``Config.meta_steps``), the simplest online form (Xu et al. 2018's one-step cross-validation) and
+the one ``maxl_jax.meta.meta_gradient`` computes; ``k > 1`` is implemented, tested against finite
+differences, and measured: the reverse-mode meta-gradient through ``k`` updates holds ``k`` unrolls
+and ``k`` second-order update graphs (memory and compile time grow with ``k``), and ``eta`` then
+moves once per ``k`` agent updates. On Catch with the answers-only torso, ``k = 5`` was both better
+and far more reliable than ``k = 1`` (docs/results/rl_questions.md, rl_questions_k5.md), the
+direction the paper argues for; the two differ in horizon and also in how often ``eta`` moves, and
+we did not separate those.
 
 Agents (``Config.questions``): ``"discovered"`` (eta learned by (Q4)), ``"random"`` (eta fixed at
 its random initialisation: the same architecture without meta-learning), ``"hand"`` (hand-designed
@@ -269,7 +270,8 @@ def agent_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 
 def agent_update(theta, opt_state, eta, traj, cfg: Config, targets_theta: PyTree = None):
-    """One agent update on ``traj``: ``(theta', opt_state', metrics)``. Differentiable in ``eta``."""
+    """One agent update on ``traj``: ``(theta', opt_state', metrics)``, differentiable in
+    ``eta``."""
     grads, metrics = jax.grad(agent_loss, has_aux=True)(theta, eta, traj, cfg, targets_theta)
     updates, opt_state = agent_optimizer(cfg).update(grads, opt_state, theta)
     return optax.apply_updates(theta, updates), opt_state, metrics
