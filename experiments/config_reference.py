@@ -55,6 +55,13 @@ METHOD_FIELDS = {
     "dtg.proximity_weight": "weight of the instance regulariser that keeps generated features "
                             "near their real ones",
     "dtg.meta_lr": "Adam learning rate of the joint generator",
+    # Tailoring and meta-tailoring (CNGrad).
+    "inner_steps": "SGD steps of each input's conditional normalisation (gamma, beta) on the "
+                   "unsupervised loss at prediction time (meta_tailoring: in training too; 0: the "
+                   "plain network)",
+    "inner_lr": "learning rate of those per-input SGD steps",
+    "loss": "the unsupervised tailoring loss: entropy (of the prediction, TENT's)",
+    "first_order": "stop the meta-tailoring gradient through the inner steps (first order)",
     # GCS.
     "gcs.weighted": "scale each kept auxiliary gradient by its cosine max(0, cos) instead of 0/1",
     # MAOAL.
