@@ -27,7 +27,7 @@ on the exact points the module evaluates (captured inside it) with flax's ``capt
 Float32 rows run with ``jax_enable_x64`` off (as training does), float64 rows with it on.
 
 The radius enters the compiled function as an argument, so one compile serves every radius. The
-meta-gradient is ``maxl.meta_gradient(form="finite_difference")`` itself; the radius (fixed there at
+meta-gradient is ``maxl.generator_meta_gradient(form="finite_difference")`` itself; the radius (fixed there at
 the reference's 0.01) is set by swapping ``finite_difference.finite_difference_meta_gradient`` for
 a copy with that radius while the function is traced.
 """
@@ -180,7 +180,7 @@ def make_fns(m: methods.Method, psi):
     """Jitted ``(f_vars, g_vars, x, y) -> grad`` for the exact and first-order forms, and
     ``(..., radius) -> (grad, relu flips, pool flips)`` for the finite difference."""
     def meta(f_vars, g_vars, x, y, form):
-        return maxl.meta_gradient(m.multitask, m.generator, f_vars, g_vars, x, y, psi,
+        return maxl.generator_meta_gradient(m.multitask, m.generator, f_vars, g_vars, x, y, psi,
                                   inner_lr=0.01, form=form, validate=False).grad
 
     def exact(f_vars, g_vars, x, y):

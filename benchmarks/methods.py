@@ -90,7 +90,7 @@ def estimator_rows(args) -> list[dict]:
         state = jax.block_until_ready(m.init(jax.random.key(0), (32, 32, 3)))
         batch = jax.device_put(make_batch(args.batch, 1))
         out = time_jax(m.meta_step, state, {"train": batch}, args.repeats)
-        grad = jax.jit(lambda s, b: maxl.meta_gradient(
+        grad = jax.jit(lambda s, b: maxl.generator_meta_gradient(
             m.multitask, m.generator, s.multitask_variables, m.generator_variables(s),
             b["image"], b["primary"], m.psi, inner_lr=0.01, form=form).grad)(state, batch)
         flat = np.asarray(jax.flatten_util.ravel_pytree(grad)[0], np.float64)

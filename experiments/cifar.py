@@ -37,7 +37,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 from maxl_jax import data as data_lib
-from maxl_jax import compilation_cache, distributed, methods, train, validation
+from maxl_jax import compilation_cache, config_checks, distributed, methods, train
 from maxl_jax.checkpoint import CheckpointError
 
 if __name__ == "__main__":  # imported: from here on Ctrl-C is a KeyboardInterrupt again
@@ -196,7 +196,7 @@ def warn_ignored(config) -> None:
         method_cls = methods.get(config.method)
     except Exception:  # noqa: BLE001 - a warning only; the run validates the config itself
         return
-    ignored = validation.ignored_settings(config, base, method_cls)
+    ignored = config_checks.ignored_settings(config, base, method_cls)
     if ignored:
         print(f"Warning: method {config.method!r} does not use "
               + ", ".join(f"--config.{f}" for f in ignored) + "; they have no effect.",

@@ -8,7 +8,7 @@ devices, data, checkpoints and the loop at the edges (``parallel``, ``data``, ``
 
 from maxl_jax.hierarchy import validate_psi
 from maxl_jax.losses import entropy_term, focal_loss, mask_log_softmax, mask_softmax
-from maxl_jax.maxl import generate_labels, meta_gradient, multitask_loss
+from maxl_jax.maxl import generate_labels, generator_meta_gradient, meta_gradient, multitask_loss
 from maxl_jax.meta import implicit_gradient, unrolled_update
 from maxl_jax.models import make_networks
 from maxl_jax.steps import reference_optimizers
@@ -19,7 +19,8 @@ from maxl_jax.methods.maxl import Maxl
 __version__ = "0.1.0"
 
 __all__ = [
-    "Maxl", "TrainState", "entropy_term", "focal_loss", "generate_labels", "implicit_gradient",
+    "Maxl", "TrainState", "entropy_term", "focal_loss", "generate_labels",
+    "generator_meta_gradient", "implicit_gradient",
     "make_networks", "mask_log_softmax", "mask_softmax", "meta_gradient", "methods",
     "multitask_loss", "reference_optimizers", "unrolled_update", "validate_psi",
 ]

@@ -14,7 +14,7 @@ primary classes, ``K = sum(psi)`` auxiliary classes.
 WAMAL (weight-aware MAXL) is the same with a generator that also outputs one weight logit ``z`` per
 example (``models.LabelGenerator(weight_head=True)``): ``w = 2^(2 r sigmoid(z) - r)`` in
 ``[2^-r, 2^r]`` (``example_weights``) and ``L_aux = mean(w * focal_b)``. Pass ``weight_range=r`` to
-``generate_labels`` and ``meta_gradient``; the meta-gradient then reaches the weight head too.
+``generate_labels`` and ``generator_meta_gradient``; the meta-gradient then reaches the weight head too.
 ``weight_form="batch"`` is the authors' code's form instead, ``L_aux = mean(w) * mean(focal_b)``
 (see ``maxl_jax.methods.wamal``).
 
@@ -26,6 +26,7 @@ padded to a multiple of the device count gives the unpadded batch's numbers.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -119,7 +120,7 @@ def multitask_loss(multitask: nn.Module, params: PyTree, batch_stats: PyTree, x:
 
 
 class MaxlMetaGradient(NamedTuple):
-    """Result of ``meta_gradient``: ``grad`` w.r.t. the generator's params (same tree), the meta
+    """Result of ``generator_meta_gradient``: ``grad`` w.r.t. the generator's params (same tree), the meta
     objective, f's and g's updated BatchNorm statistics, and diagnostics (``metrics``)."""
 
     grad: PyTree
@@ -131,15 +132,17 @@ class MaxlMetaGradient(NamedTuple):
     example_weights: jax.Array | None = None  # WAMAL's (B,) auxiliary weights, else None
 
 
-def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variables: PyTree,
-                  generator_variables: PyTree, x: jax.Array, y: jax.Array, psi: Sequence[int], *,
-                  inner_optimizer: optax.GradientTransformation | None = None,
-                  inner_lr: float | jax.Array = 0.01, inner_steps: int = 1,
-                  entropy_weight: float = 0.2, aux_weight: float = 1.0, gamma: float = 2.0,
-                  form: str = "reverse", axis_name: str | None = None,
-                  weight_range: float | None = None, normalize_weights: bool = False,
-                  weight_form: str = "example", validate: bool = True,
-                  mask: jax.Array | None = None) -> MaxlMetaGradient:
+def generator_meta_gradient(multitask: nn.Module, generator: nn.Module,
+                            multitask_variables: PyTree, generator_variables: PyTree, x: jax.Array,
+                            y: jax.Array, psi: Sequence[int], *,
+                            inner_optimizer: optax.GradientTransformation | None = None,
+                            inner_lr: float | jax.Array = 0.01, inner_steps: int = 1,
+                            entropy_weight: float = 0.2, aux_weight: float = 1.0,
+                            gamma: float = 2.0, form: str = "reverse",
+                            axis_name: str | None = None, weight_range: float | None = None,
+                            normalize_weights: bool = False, weight_form: str = "example",
+                            validate: bool = True,
+                            mask: jax.Array | None = None) -> MaxlMetaGradient:
     """Exact gradient w.r.t. theta2 of ``L_pri(f(x; theta1+)) + entropy_weight * H(g(x; theta2))``.
 
     ``theta1+`` comes from ``inner_steps`` updates of ``inner_optimizer`` (default: plain SGD with
@@ -210,6 +213,16 @@ def meta_gradient(multitask: nn.Module, generator: nn.Module, multitask_variable
                             weights)
 
 
+
+def meta_gradient(*args, **kwargs) -> MaxlMetaGradient:
+    """Deprecated name of :func:`generator_meta_gradient` (MAXL's meta-gradient w.r.t. the label
+    generator, result field ``.grad``), renamed so that it is not confused with the estimators'
+    ``maxl_jax.meta.meta_gradient`` (any inner/outer loss, result field ``.grad_hyper``)."""
+    warnings.warn("maxl_jax.meta_gradient / maxl_jax.maxl.meta_gradient is deprecated: call "
+                  "maxl_jax.generator_meta_gradient (same arguments and result)",
+                  DeprecationWarning, stacklevel=2)
+    return generator_meta_gradient(*args, **kwargs)
+
 def reference_first_order_meta_gradient(
         multitask: nn.Module, generator: nn.Module, multitask_variables: PyTree,
         generator_variables: PyTree, x: jax.Array, y: jax.Array, psi: Sequence[int], *,
@@ -230,7 +243,7 @@ def reference_first_order_meta_gradient(
     the forward at theta1+ runs on a copy and its statistics are dropped). ``alpha`` is the caller's:
     the reference passes theta1's current learning rate. ``meta_loss`` is the reference's logged
     objective ``L_pri(theta1+) + entropy_weight * H(s)``, whose entropy part has no gradient here.
-    Compare ``meta_gradient(form="finite_difference")``: the same difference at the same points,
+    Compare ``generator_meta_gradient(form="finite_difference")``: the same difference at the same points,
     but with the entropy term's gradient kept and f's statistics updated once.
     """
     psi = hierarchy.validate_psi(psi)

@@ -22,7 +22,8 @@ What makes a run exact across interruptions:
   last step was checkpointed but before its record was written rebuilds the record on resume.
 
 Written to the workdir: ``checkpoints/``, ``metrics.jsonl`` (one line per epoch), ``summary.json``
-and ``learning_curves.png``.
+and ``learning_curves.png``; the records' formats and the summary are ``maxl_jax.records``'s, the
+workdir lock, the signals and the fault hooks ``maxl_jax.run_guard``'s.
 
 Several processes (``maxl_jax.distributed``, started before this is called): the mesh spans every
 process's devices and the loop is the same program in each process, which takes the same decisions
@@ -42,18 +43,12 @@ same step (one small all-gather per call), and all save that step's checkpoint t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
-import os
 import pathlib
-import shutil
 import signal
-import socket
-import sys
 import threading
 import time
 from typing import Any, Callable
@@ -64,9 +59,17 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxl_jax import data as data_lib
-from maxl_jax import distributed, hierarchy, methods, parallel, validation
+from maxl_jax import config_checks, distributed, hierarchy, methods, parallel, validation
 from maxl_jax.checkpoint import Checkpointer, CheckpointError
 from maxl_jax.methods.base import Method
+from maxl_jax.records import CLOCK as _CLOCK
+from maxl_jax.run_guard import Interrupted, WorkdirLock  # noqa: F401  (train.WorkdirLock)
+from maxl_jax.run_guard import fault as _fault, interrupt as _interrupt
+from maxl_jax.run_guard import remove_if_empty as _remove_if_empty, workdir_lock as _workdir_lock
+from maxl_jax.records import (append_record as _append_record, epoch_line as _epoch_line,
+                              evaluates, read_clock as _read_clock, read_records as _read_records,
+                              summarize, to_json as _to_json, write_atomic as _write_atomic,
+                              write_records as _write_records)
 from maxl_jax.train_state import TrainState
 
 #: Fields of the config every method's trajectory depends on (part of every run's identity).
@@ -82,18 +85,6 @@ class NonFiniteError(FloatingPointError):
 class RunFilesError(RuntimeError):
     """A run's own file (``metrics.jsonl``, ``summary.json``) could not be written; the message
     says what was kept and how to go on."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; ``signum`` says which."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-        self.message = message
-
-
-# ------------------------------------------------------------------------------------ data
 
 
 def random_auxiliary_labels(primary: np.ndarray, psi, seed: int, task: int = 0) -> np.ndarray:
@@ -410,7 +401,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
       Interrupted: on SIGINT / SIGTERM, after saving a checkpoint.
       NonFiniteError: when a checked quantity becomes NaN or inf (the last finite checkpoint kept).
     """
-    validation.validate_config(config)
+    config_checks.validate_config(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()
     primary = distributed.is_primary()
     if distributed.multi_process() and not xla:
@@ -432,91 +423,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, xla: bool = True,
         raise
 
 
-class WorkdirLock:
-    """One writer per workdir: an exclusive ``flock`` on ``<workdir>/.maxl.lock`` (released by the
-    kernel when the process dies, however it dies). A second process is refused with a message
-    naming the first. In a multi-process run process 0 alone takes it, for all: the others write
-    no file but their part of the checkpoints, and a second run of several processes is refused at
-    its process 0, which tells the others (``_workdir_lock``): every process exits with the
-    message."""
-
-    NAME = ".maxl.lock"
-
-    def __init__(self, workdir: pathlib.Path):
-        self.path = workdir / self.NAME
-
-    def __enter__(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
-        except OSError as e:
-            raise validation.ConfigError(
-                f"cannot use {self.path.parent} as the workdir ({type(e).__name__}: {e}); choose "
-                f"another --workdir") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise validation.ConfigError(
-                f"the workdir {self.path.parent} is in use by {holder}: two runs cannot write one "
-                f"workdir. Wait for it to finish (or stop it), or use another --workdir.") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"process {os.getpid()} on {socket.gethostname()}, started "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:200]})\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
-@contextlib.contextmanager
-def _workdir_lock(workdir: pathlib.Path):
-    """``WorkdirLock`` for the run: process 0 takes it for all processes, and its refusal (a
-    ``ConfigError``) stops every process with its message."""
-    if not distributed.multi_process():
-        with WorkdirLock(workdir):
-            yield
-        return
-    lock = distributed.primary_first(lambda: WorkdirLock(workdir).__enter__())
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
-
-
-def _remove_if_empty(workdir: pathlib.Path) -> None:
-    """Removes a workdir this run created if the run left nothing in it (a failed start)."""
-    if not workdir.is_dir():
-        return
-    leftovers = [p for p in workdir.rglob("*") if p.is_file() and p.name != WorkdirLock.NAME]
-    if not leftovers:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _fault(point: str, value) -> None:
-    """Fault injection for the reliability tests: ``MAXL_FAULT="point:value[=SIGNAL],..."`` makes the
-    process send itself SIGKILL (or the named signal, e.g. ``=INT``) when it reaches that point.
-    Points: ``event`` (the run's N-th step, counted from 1 over all epochs), ``saved`` (just after
-    the checkpoint of step N), ``eval`` (during epoch N's evaluation, 1-based), ``record`` (just
-    after epoch N's record is written)."""
-    for entry in os.environ.get("MAXL_FAULT", "").split(","):
-        where, _, sig = entry.partition("=")
-        if where == f"{point}:{value}":
-            sys.stdout.flush()
-            os.kill(os.getpid(), getattr(signal, f"SIG{sig}") if sig else signal.SIGKILL)
-
-
-def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bool) -> dict:
+def _load_dataset(config) -> data_lib.Dataset:
     def load():
         return data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
                                      primary_level=config.get("primary_level") or None,
@@ -529,10 +436,38 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
         # Process 0 downloads first, so that a data_dir the hosts share is fetched once (and no two
         # processes write one partial file); the others then find it, or fetch their own copy.
         dataset = distributed.primary_first(load)
-        if not distributed.is_primary():
-            dataset = load()
-    else:
-        dataset = load()
+        return dataset if distributed.is_primary() else load()
+    return load()
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a run's epochs need, built once from its config by ``_prepare``: the data on the
+    devices, the method and its epoch's events, the compiled steps and the checkpointer."""
+
+    config: Any
+    workdir: pathlib.Path
+    method: Method
+    events: list
+    steps_per_epoch: int
+    n_train: int
+    held_split: Any
+    padded_batch: int
+    rep: Any
+    data: dict
+    test: Any
+    eval_idx: Any
+    compiled: _Compiled
+    steps_per_call: int
+    zero_sums: Any
+    example_train: Any
+    example_meta: dict
+    ckpt: Checkpointer
+
+
+def _prepare(config, workdir: pathlib.Path, log, compile_ahead: bool) -> tuple[_Run, TrainState]:
+    """The run's data, method, compiled steps and checkpointer, and its fresh initial state."""
+    dataset = _load_dataset(config)
     mesh = parallel.make_mesh()
     n_dev = mesh.devices.size
     # A batch the devices do not divide is padded to the next multiple and the padding masked out.
@@ -591,6 +526,16 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
     state = state.replace(sums=distributed.put(zero_sums, rep))
     ckpt = Checkpointer(workdir / "checkpoints", run_identity(config, method, held_ident),
                         config.keep_checkpoints)
+    run = _Run(config, workdir, method, events, steps_per_epoch, n_train, held_split,
+               padded_batch, rep, data, test, eval_idx, compiled, steps_per_call, zero_sums,
+               example_train, example_meta, ckpt)
+    return run, state
+
+
+def _restore(run: _Run, state: TrainState, log) -> tuple[TrainState, int, int]:
+    """The newest (or ``resume_step``'s) checkpoint's state if there is one, and its position in
+    the run: ``(state, start_epoch, offset)``, ``offset`` the events of ``start_epoch`` done."""
+    config, ckpt = run.config, run.ckpt
     if ckpt.latest_step() is None and config.get("resume_step"):
         raise CheckpointError(
             f"--config.resume_step={config.resume_step} asks to resume from the checkpoint of step "
@@ -601,186 +546,230 @@ def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bo
                              fallback=bool(config.get("resume_from_intact", False)), log=log)
         log(f"Resumed from {ckpt.directory}: step {int(state.step)}, meta step "
             f"{int(state.meta_step)}")
-
-    start_epoch, offset = divmod(int(state.step) + int(state.meta_step), len(events))
-    expected = start_epoch * steps_per_epoch + sum(k == "train" for k, _ in events[:offset])
+    start_epoch, offset = divmod(int(state.step) + int(state.meta_step), len(run.events))
+    expected = start_epoch * run.steps_per_epoch + sum(k == "train" for k, _ in run.events[:offset])
     if int(state.step) != expected:
         raise CheckpointError(
             f"the checkpoint in {ckpt.directory} is at step {int(state.step)}, meta step "
             f"{int(state.meta_step)}, which is not a position in this run's schedule; it is left "
             f"untouched: use another --workdir")
+    return state, start_epoch, offset
 
-    metrics_path = workdir / "metrics.jsonl"
-    primary = distributed.is_primary()
-    # Process 0's records, in every process: the decisions below (rebuild a record, finish) take
-    # collective steps, which all processes must take together.
-    records = distributed.broadcast_json(distributed.primary_first(
-        lambda: _read_records(metrics_path, keep_before=start_epoch)))
 
-    def finish_epoch(epoch: int, state, epoch_time, images_per_sec) -> dict:
+def _train(config, workdir: pathlib.Path, progress: bool, log, compile_ahead: bool) -> dict:
+    run, state = _prepare(config, workdir, log, compile_ahead)
+    state, start_epoch, offset = _restore(run, state, log)
+    driver = _EpochDriver(run, state, start_epoch, offset, progress, log)
+    driver.reconcile_records()
+    if start_epoch >= config.epochs:
+        pruned = run.ckpt.prune()
+        if pruned:
+            log(f"Deleted {len(pruned)} checkpoint(s) beyond --config.keep_checkpoints="
+                f"{run.ckpt.keep} that an interrupted pruning had left: steps {pruned}")
+        run.ckpt.close()
+        return _complete(config, workdir, driver.records, driver.state, run.steps_per_epoch, log,
+                         run.method)
+    run.ckpt.ensure_writable()
+    t_compile = run.compiled.compile(driver.state, run.data, run.example_train, run.example_meta,
+                                     run.test, run.eval_idx)
+    if t_compile:
+        log(f"Compiled the steps in {t_compile:.1f} s")
+    return driver.train()
+
+
+class _EpochDriver:
+    """The run's epochs from its restored position: each epoch's calls of the compiled steps, the
+    non-finite checks (one call behind, so the host stays ahead), the checkpoints with the epoch's
+    clock, the epoch records, and the stop on SIGINT / SIGTERM (a checkpoint first).
+
+    The position in the run is the state's counters; the records are those of ``metrics.jsonl``
+    before the restored epoch (process 0's, broadcast: every process takes the same decisions)."""
+
+    def __init__(self, run: _Run, state: TrainState, start_epoch: int, offset: int,
+                 progress: bool, log):
+        self.run, self.config, self.method = run, run.config, run.method
+        self.state, self.start_epoch, self.offset = state, start_epoch, offset
+        self.progress, self.log = progress, log
+        self.metrics_path = run.workdir / "metrics.jsonl"
+        self.primary = distributed.is_primary()
+        self.records = distributed.broadcast_json(distributed.primary_first(
+            lambda: _read_records(self.metrics_path, keep_before=start_epoch)))
+        self.pending = None  # the last call's (kind, counter, metrics, finite flags, steps)
+        self.counters = {"train": int(state.step), "meta": int(state.meta_step)}
+        self.epoch = start_epoch
+        self.signal = None
+        self.every_events = int(self.config.get("checkpoint_every_steps") or 0)
+        # The current epoch's clock: training time and images so far, carried over a resume
+        # through a small file written beside each checkpoint (``_CLOCK``), so a resumed epoch's
+        # time and throughput are the whole epoch's.
+        self.clock = {"start": time.time(), "prior": 0.0, "trained": 0, "epoch": start_epoch}
+        carried = _read_clock(run.workdir, int(state.step) + int(state.meta_step), start_epoch)
+        if offset and carried is not None:
+            self.clock["prior"], self.clock["trained"] = carried
+        # A resumed epoch whose earlier part's clock was not saved (a kill between a checkpoint
+        # and its clock): its time and throughput cover this process's part only, and its record
+        # says so.
+        self.partial_clock = bool(offset) and carried is None
+
+    # ------------------------------------------------------------------------------ records
+    def finish_epoch(self, epoch: int, epoch_time, images_per_sec) -> dict:
+        """The record of ``epoch`` from the state's running sums, evaluated when it is due."""
+        run, state = self.run, self.state
         sums = jax.device_get(state.sums)
         means = {kind: _means(sums[kind], sums[kind + "_count"])
                  for kind in ("train", "meta") if kind in sums and sums[kind + "_count"] > 0}
         record: dict[str, Any] = {"epoch": epoch, **means}
-        if evaluates(epoch, config):
-            test_sums = compiled.evaluate(state, test, eval_idx)
+        if evaluates(epoch, self.config):
+            test_sums = run.compiled.evaluate(state, run.test, run.eval_idx)
             _fault("eval", epoch + 1)
             test_sums = jax.device_get(test_sums)
             record["test"] = {"accuracy": float(test_sums["correct"] / test_sums["count"]),
                               "loss": float(test_sums["loss_sum"] / test_sums["count"])}
-        record.update(method.epoch_summary(means))
+        record.update(self.method.epoch_summary(means))
         record["epoch_time"] = epoch_time
         record["train_images_per_sec"] = images_per_sec
         return _to_json(record)
 
-    if offset == 0 and start_epoch > 0 and (not records or records[-1]["epoch"] != start_epoch - 1):
-        # The epoch's last step was checkpointed but its record never written: rebuild it from the
-        # checkpoint (its sums and its final parameters).
-        records.append(finish_epoch(start_epoch - 1, state, None, None))
-        log(f"Rebuilt the record of epoch {start_epoch} from the checkpoint")
-    if primary:
-        _write_records(metrics_path, records)
-    lost = sorted(set(range(start_epoch)) - {r["epoch"] for r in records})
-    if lost:
-        log(f"Warning: {metrics_path} has no record of epoch(s) {[e + 1 for e in lost]} (the file "
-            f"was edited or deleted); they cannot be rebuilt, and summary.json will list them as "
-            f"missing.")
-    if start_epoch >= config.epochs:
-        pruned = ckpt.prune()
-        if pruned:
-            log(f"Deleted {len(pruned)} checkpoint(s) beyond --config.keep_checkpoints="
-                f"{ckpt.keep} that an interrupted pruning had left: steps {pruned}")
-        ckpt.close()
-        return _complete(config, workdir, records, state, steps_per_epoch, log, method)
-    ckpt.ensure_writable()
-    t_compile = compiled.compile(state, data, example_train, example_meta, test, eval_idx)
-    if t_compile:
-        log(f"Compiled the steps in {t_compile:.1f} s")
+    def reconcile_records(self) -> None:
+        """Rebuilds the record of an epoch whose last step was checkpointed but whose record was
+        never written, rewrites ``metrics.jsonl`` to the records kept, and warns of lost ones."""
+        records, start = self.records, self.start_epoch
+        if self.offset == 0 and start > 0 and (not records or records[-1]["epoch"] != start - 1):
+            # Rebuilt from the checkpoint: its sums and its final parameters.
+            records.append(self.finish_epoch(start - 1, None, None))
+            self.log(f"Rebuilt the record of epoch {start} from the checkpoint")
+        if self.primary:
+            _write_records(self.metrics_path, records)
+        lost = sorted(set(range(start)) - {r["epoch"] for r in records})
+        if lost:
+            self.log(f"Warning: {self.metrics_path} has no record of epoch(s) "
+                     f"{[e + 1 for e in lost]} (the file was edited or deleted); they cannot be "
+                     f"rebuilt, and summary.json will list them as missing.")
 
-    orders = _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_batch)
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, on_signal)
-    every_events = int(config.get("checkpoint_every_steps") or 0)
-
-    def check(pending):
+    # ------------------------------------------------------------------- checks and checkpoints
+    def check(self, pending) -> None:
         if pending is not None and not bool(np.all(jax.device_get(pending[3]))):
-            _raise_non_finite(pending, method, epoch)
+            _raise_non_finite(pending, self.method, self.epoch)
 
-    # The current epoch's clock: training time and images so far, carried over a resume through a
-    # small file written beside each checkpoint (``_CLOCK``), so a resumed epoch's time and
-    # throughput are the whole epoch's.
-    clock = {"start": time.time(), "prior": 0.0, "trained": 0, "epoch": start_epoch}
-    carried = _read_clock(workdir, int(state.step) + int(state.meta_step), start_epoch)
-    if offset and carried is not None:
-        clock["prior"], clock["trained"] = carried
-    # A resumed epoch whose earlier part's clock was not saved (a kill between a checkpoint and its
-    # clock): its time and throughput cover this process's part only, and its record says so.
-    partial_clock = bool(offset) and carried is None
-
-    def save(s: TrainState, pending):
-        check(pending)  # never save a state derived from a non-finite step
-        step = counters["train"] + counters["meta"]
-        ckpt.save(step, s)
-        if primary:
+    def save(self) -> None:
+        """The state's checkpoint (never one derived from a non-finite step) and the clock."""
+        self.check(self.pending)
+        step = self.counters["train"] + self.counters["meta"]
+        self.run.ckpt.save(step, self.state)
+        if self.primary:
             try:  # timings only: a resumed epoch without it says its time is partial
-                _write_atomic(workdir / _CLOCK, json.dumps({
-                    "step": step, "epoch": clock["epoch"], "trained": clock["trained"],
-                    "elapsed_s": clock["prior"] + time.time() - clock["start"]}))
+                _write_atomic(self.run.workdir / _CLOCK, json.dumps({
+                    "step": step, "epoch": self.clock["epoch"], "trained": self.clock["trained"],
+                    "elapsed_s": self.clock["prior"] + time.time() - self.clock["start"]}))
             except OSError:
                 pass
         _fault("saved", step)
 
-    pending = None
-    counters = {"train": int(state.step), "meta": int(state.meta_step)}
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            first = offset if epoch == start_epoch else 0
-            if first == 0:  # a fresh copy: the steps donate the state, sums included
-                state = state.replace(sums=distributed.put(zero_sums, rep))
-            order = orders(epoch)
-            bar = _progress(len(events), f"epoch {epoch + 1}/{config.epochs}", progress)
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signum
+
+    def _stop_if_signalled(self) -> None:
+        signum = distributed.agreed_signal(self.signal)
+        if signum is not None:
+            raise _interrupt(signum)
+
+    # ---------------------------------------------------------------------------------- epochs
+    def run_epoch(self, epoch: int) -> None:
+        run, config, events = self.run, self.config, self.run.events
+        self.epoch = epoch
+        first = self.offset if epoch == self.start_epoch else 0
+        if first == 0:  # a fresh copy: the steps donate the state, sums included
+            self.state = self.state.replace(sums=distributed.put(run.zero_sums, run.rep))
+        order = self.orders(epoch)
+        bar = _progress(len(events), f"epoch {epoch + 1}/{config.epochs}", self.progress)
+        if bar is not None:
+            bar.update(first)
+        t_epoch = time.time()
+        if epoch != self.start_epoch:
+            self.clock.update(prior=0.0, trained=0)
+        self.clock.update(start=t_epoch, epoch=epoch)
+        schedule, every, per_call = self.method.schedule, self.every_events, run.steps_per_call
+        e = first
+        while e < len(events):
+            # The next call: consecutive steps of one kind, at most steps_per_call, ending where a
+            # checkpoint is due.
+            kind, end = events[e][0], e + 1
+            while (end < min(len(events), e + per_call) and events[end][0] == kind
+                   and not (every and (epoch * len(events) + end) % every == 0)):
+                end += 1
+            indices = [order.train[i] if kind == "train" else
+                       order.meta_indices(schedule.sources, i) for _, i in events[e:end]]
+            self.state, m, ok = run.compiled.run(kind, self.state, run.data, indices)
+            n = end - e
+            self.check(self.pending)  # the previous call's, so the host stays one call ahead
+            self.pending = (kind, self.counters[kind] + 1, m, ok, n if per_call > 1 else None)
+            self.counters[kind] += n
+            self.clock["trained"] += n if kind == "train" else 0
             if bar is not None:
-                bar.update(first)
-            t_epoch = time.time()
-            if epoch != start_epoch:
-                clock.update(prior=0.0, trained=0)
-            clock.update(start=t_epoch, epoch=epoch)
-            e = first
-            while e < len(events):
-                # The next call: consecutive steps of one kind, at most steps_per_call, ending
-                # where a checkpoint is due.
-                kind, end = events[e][0], e + 1
-                while (end < min(len(events), e + steps_per_call) and events[end][0] == kind
-                       and not (every_events and (epoch * len(events) + end) % every_events == 0)):
-                    end += 1
-                indices = [order.train[i] if kind == "train" else
-                           order.meta_indices(schedule.sources, i) for _, i in events[e:end]]
-                state, m, ok = compiled.run(kind, state, data, indices)
-                n = end - e
-                check(pending)  # the previous call's, so the host stays one call ahead
-                pending = (kind, counters[kind] + 1, m, ok, n if steps_per_call > 1 else None)
-                counters[kind] += n
-                clock["trained"] += n if kind == "train" else 0
-                if bar is not None:
-                    bar.update(n)
-                if every_events and (epoch * len(events) + end) % every_events == 0:
-                    save(state, pending)
-                for g in range(e, end):
-                    _fault("event", epoch * len(events) + g + 1)
-                e = end
-                signum = distributed.agreed_signal(stop["signal"])
-                if signum is not None:
-                    raise _interrupt(signum)
-            check(pending)
-            if bar is not None:
-                bar.close()
-            elapsed = clock["prior"] + time.time() - t_epoch
-            record = finish_epoch(epoch, state, elapsed,
-                                  clock["trained"] * config.batch_size / max(elapsed, 1e-9))
-            if epoch == start_epoch and partial_clock:
-                record["epoch_time_partial"] = True
-            records.append(record)
-            if primary:
-                try:
-                    _append_record(metrics_path, record)
-                except OSError as e:
-                    save(state, pending)  # the epoch is kept: a resume rebuilds its record
-                    raise RunFilesError(
-                        f"cannot write {metrics_path} ({type(e).__name__}: {e}). Training stopped "
-                        f"after epoch {epoch + 1}, whose checkpoint is saved in {ckpt.directory}. "
-                        f"Fix the file's permissions or free disk space, then run the same "
-                        f"command: it resumes and rebuilds the missing record.") from None
-            _fault("record", epoch + 1)
-            log(_epoch_line(record, config.epochs, method))
-            save(state, pending)
-            signum = distributed.agreed_signal(stop["signal"])
-            if signum is not None:
-                raise _interrupt(signum)
-    except KeyboardInterrupt as interrupt:
-        signum = getattr(interrupt, "signum", signal.SIGINT)
+                bar.update(n)
+            if every and (epoch * len(events) + end) % every == 0:
+                self.save()
+            for g in range(e, end):
+                _fault("event", epoch * len(events) + g + 1)
+            e = end
+            self._stop_if_signalled()
+        self.check(self.pending)
+        if bar is not None:
+            bar.close()
+        elapsed = self.clock["prior"] + time.time() - t_epoch
+        record = self.finish_epoch(epoch, elapsed,
+                                   self.clock["trained"] * config.batch_size / max(elapsed, 1e-9))
+        if epoch == self.start_epoch and self.partial_clock:
+            record["epoch_time_partial"] = True
+        self.records.append(record)
+        if self.primary:
+            try:
+                _append_record(self.metrics_path, record)
+            except OSError as e:
+                self.save()  # the epoch is kept: a resume rebuilds its record
+                raise RunFilesError(
+                    f"cannot write {self.metrics_path} ({type(e).__name__}: {e}). Training "
+                    f"stopped after epoch {epoch + 1}, whose checkpoint is saved in "
+                    f"{run.ckpt.directory}. Fix the file's permissions or free disk space, then "
+                    f"run the same command: it resumes and rebuilds the missing record.") from None
+        _fault("record", epoch + 1)
+        self.log(_epoch_line(record, config.epochs, self.method))
+        self.save()
+        self._stop_if_signalled()
+
+    def train(self) -> dict:
+        """Every remaining epoch, then the summary; a signal or Ctrl-C saves a checkpoint first and
+        raises ``Interrupted``."""
+        run, config, ckpt = self.run, self.config, self.run.ckpt
+        self.orders = _order_maker(run.n_train, run.held_split, run.steps_per_epoch, config,
+                                   self.method.schedule, run.padded_batch)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
         try:
-            save(state, pending)
-            where = (f"saved a checkpoint at step {int(state.step)}, meta step "
-                     f"{int(state.meta_step)} in {ckpt.directory}")
-        except (NonFiniteError, RuntimeError, ValueError) as e:
-            where = f"the last checkpoint in {ckpt.directory} is kept ({type(e).__name__})"
+            for epoch in range(self.start_epoch, config.epochs):
+                self.run_epoch(epoch)
+        except KeyboardInterrupt as interrupt:
+            signum = getattr(interrupt, "signum", signal.SIGINT)
+            try:
+                self.save()
+                where = (f"saved a checkpoint at step {int(self.state.step)}, meta step "
+                         f"{int(self.state.meta_step)} in {ckpt.directory}")
+            except (NonFiniteError, RuntimeError, ValueError) as e:
+                where = f"the last checkpoint in {ckpt.directory} is kept ({type(e).__name__})"
+            ckpt.close()
+            raise Interrupted(signum, f"Interrupted: {where}; run the same command to "
+                                      f"resume.") from None
+        except BaseException:
+            ckpt.close()
+            raise
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
         ckpt.close()
-        raise Interrupted(signum, f"Interrupted: {where}; run the same command to resume.") from None
-    except BaseException:
-        ckpt.close()
-        raise
-    finally:
-        for sig, old in handlers.items():
-            signal.signal(sig, old)
-    ckpt.close()
-    return _finish(config, workdir, records, state, steps_per_epoch, method)
+        return _finish(config, run.workdir, self.records, self.state, run.steps_per_epoch,
+                       self.method)
 
 
 def _order_maker(n_train, held_split, steps_per_epoch, config, schedule, padded_batch=None):
@@ -851,10 +840,6 @@ def _means(sums: dict, count) -> dict:
             for k, v in sums.items()}
 
 
-def _interrupt(signum) -> Interrupted:
-    return Interrupted(signum, f"signal {signum}")
-
-
 def _raise_non_finite(pending, method: Method, epoch: int):
     kind, counter, metrics, ok, stacked = pending
     metrics = jax.device_get(metrics)
@@ -888,102 +873,6 @@ def _meta_rate_flag(method: Method) -> str:
     return "--config.generator_lr"
 
 
-def _to_json(x):
-    if isinstance(x, dict):
-        return {k: _to_json(v) for k, v in x.items()}
-    if x is None or isinstance(x, (str, bool, int, float)):
-        return x
-    arr = np.asarray(x)
-    return arr.item() if arr.ndim == 0 else arr.tolist()
-
-
-def _read_records(path: pathlib.Path, keep_before: int) -> list[dict]:
-    """The records of epochs before ``keep_before``. A torn last line (a write cut by a kill) is
-    dropped; a damaged line elsewhere, or records out of epoch order (swapped or repeated lines), is
-    an error naming the line."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    records, records_seen = [], []  # kept records; (line number, epoch) of every record read
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break  # the last record's write was cut off: that epoch is redone or rebuilt
-            raise validation.ConfigError(
-                f"{path} line {number} is not a JSON record: the file was damaged. Restore it, or "
-                f"delete the damaged line to have the run redo or rebuild what it can.") from None
-        epoch = rec.get("epoch") if isinstance(rec, dict) else None
-        if not isinstance(epoch, int) or (records_seen and epoch <= records_seen[-1][1]):
-            what = ("has no epoch number" if not isinstance(epoch, int) else
-                    f"repeats epoch {epoch + 1}" if epoch == records_seen[-1][1] else
-                    f"holds epoch {epoch + 1} after line {records_seen[-1][0]}'s epoch "
-                    f"{records_seen[-1][1] + 1}")
-            raise validation.ConfigError(
-                f"{path} line {number} {what}: the records are out of order, so the file was "
-                f"edited or damaged. Restore it, or put its lines in epoch order with one line per "
-                f"epoch (deleting a line has the run rebuild or redo what it can).")
-        records_seen.append((number, epoch))
-        if epoch < keep_before:
-            records.append(rec)
-    return records
-
-
-#: The file beside the checkpoints that carries the current epoch's clock over a resume.
-_CLOCK = "epoch_clock.json"
-
-
-def _read_clock(workdir: pathlib.Path, step: int, epoch: int) -> tuple[float, int] | None:
-    """``(elapsed seconds, training steps)`` of epoch ``epoch`` before the checkpoint of ``step``,
-    from ``_CLOCK`` when it was written for that checkpoint; else ``None``."""
-    try:
-        c = json.loads((workdir / _CLOCK).read_text())
-        if int(c["step"]) == step and int(c["epoch"]) == epoch:
-            return float(c["elapsed_s"]), int(c["trained"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_records(path: pathlib.Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    if not path.exists() or path.read_text() != text:  # a finished run's file is left as it is
-        _write_atomic(path, text)
-
-
-def _append_record(path: pathlib.Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _epoch_line(r: dict, epochs: int, method: Method) -> str:
-    t = r.get("train", {})
-    line = (f"epoch {r['epoch'] + 1:4d}/{epochs} | train primary loss {t['primary_loss']:.4f}"
-            f" acc {t['accuracy']:.4f}")
-    for key, label in method.train_report:
-        if key in t:
-            values = np.atleast_1d(np.asarray(t[key], dtype=float))
-            line += f" | {label} " + " ".join(f"{v:.2f}" for v in values)
-    meta = r.get("meta")
-    if meta:
-        line += " | " + " ".join(f"{label} {meta[key]:.4f}" for key, label in method.report
-                                 if key in meta)
-    if "test" in r:
-        line += f" | test loss {r['test']['loss']:.4f} acc {r['test']['accuracy']:.4f}"
-    return line + f" | {r['epoch_time']:.1f}s"
-
-
 def _finish(config, workdir, records, state, steps_per_epoch, method=None) -> dict:
     summary = summarize(records, config, steps_per_epoch, method)
     if distributed.is_primary():
@@ -1015,71 +904,6 @@ def _complete(config, workdir, records, state, steps_per_epoch, log, method=None
     summary["state"] = state
     summary["already_complete"] = True
     return summary
-
-
-def evaluates(epoch: int, config) -> bool:
-    """Whether the run evaluates after (0-based) ``epoch``: every ``eval_every``-th epoch, and each
-    of the last ``last_k`` epochs, whose mean is reported."""
-    every = int(config.get("eval_every") or 1)  # last_k >= 1: the last epoch is always evaluated
-    return (epoch + 1) % every == 0 or epoch >= int(config.epochs) - int(config.last_k)
-
-
-def summarize(records: list[dict], config, steps_per_epoch: int, method=None) -> dict:
-    """Final, best (with its epoch number) and mean-of-last-k test accuracy, time and throughput.
-
-    ``test_accuracy`` has one entry per epoch, ``None`` for the epochs not evaluated
-    (``eval_every``); best and mean-of-last-k are taken over the evaluated ones. ``last_k`` is the
-    config's; ``last_k_evaluated`` how many evaluated epochs the mean covers (fewer only when the
-    run has fewer). With the built ``method``: ``psi``, the hierarchy its generated or random labels
-    used (``config.psi`` is empty when it comes from ``aux_per_class``; ``None`` for a method with
-    neither), and ``aux_tasks``, its given auxiliary tasks with their hierarchies.
-    """
-    evaluated = [r for r in records if "test" in r]
-    acc = [r["test"]["accuracy"] for r in evaluated]
-    k = min(int(config.last_k), len(acc)) if acc else 0
-    ips = [r.get("train_images_per_sec") for r in records]
-    ips = [x for x in ips if x is not None]
-    best = int(np.argmax(acc)) if acc else None
-    done = [r["epoch"] for r in records]
-    missing = sorted(set(range(max(done) + 1)) - set(done)) if done else []
-    return {
-        "method": config.method, "dataset": config.dataset, "arch": config.arch,
-        "seed": config.seed, "epochs": len(records), "steps_per_epoch": steps_per_epoch,
-        "final_test_accuracy": (records[-1]["test"]["accuracy"]
-                                if records and "test" in records[-1] else None),
-        "best_test_accuracy": acc[best] if acc else None,
-        "best_epoch": evaluated[best]["epoch"] + 1 if acc else None,
-        "last_k": int(config.last_k), "last_k_evaluated": k, "last_k_mean_test_accuracy": float(np.mean(acc[-k:])) if k else None,
-        "test_accuracy": [r["test"]["accuracy"] if "test" in r else None for r in records],
-        "complete": not missing, "missing_epochs": [m + 1 for m in missing],
-        "train_time_s": float(sum(r.get("epoch_time") or 0.0 for r in records)),
-        "train_time_complete": not any(r.get("epoch_time_partial") or r.get("epoch_time") is None
-                                       for r in records),
-        "train_images_per_sec": float(np.median(ips)) if ips else None,
-        "mode": _mode(config),
-        **({} if method is None else {
-            "psi": _psi_used(method),
-            "aux_tasks": [[t.source, [int(p) for p in t.psi]] for t in method.aux_tasks]}),
-        "config": json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config),
-    }
-
-
-def _psi_used(method) -> list[int] | None:
-    """The hierarchy of the method's generated labels, else of its random auxiliary labels (the
-    ``psi`` that ``--config.psi`` or ``aux_per_class`` chose); ``None`` for neither."""
-    psi = getattr(method, "psi", None)
-    if psi is None:
-        psi = next((t.psi for t in method.aux_tasks if t.source == "random"), None)
-    return None if psi is None else [int(p) for p in psi]
-
-
-def _mode(config) -> dict | None:
-    """The method's ``mode_of(config)``: which of the paper's, the authors' or our behaviours the
-    run followed (``None`` for a config without a known method)."""
-    try:
-        return methods.get(config.method).mode_of(config)
-    except (ValueError, AttributeError, KeyError):
-        return None
 
 
 def new_figure(figsize):

@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxl_jax import precision
+
 
 class ConfigError(ValueError):
     """A configuration value out of its range, of the wrong type, or one the method cannot use."""
 
 
 # field -> (kind, lower bound, inclusive): "int" / "float" / "bool" / "str".
-_RANGES: dict[str, tuple[str, float | None, bool]] = {
+RANGES: dict[str, tuple[str, float | None, bool]] = {
     "epochs": ("int", 1, True),
     "batch_size": ("int", 1, True),
     "eval_batch_size": ("int", 1, True),
@@ -94,29 +96,9 @@ def check_choice(name: str, value: Any, choices: Sequence[str], prefix: str = ""
                           f"{', '.join(map(repr, choices))}" + (f" ({meaning})" if meaning else ""))
 
 
-def validate_config(config) -> None:
-    """Checks every numeric field of a run's config, and the method's own fields (through the
-    method class's ``validate_config``), raising ``ConfigError`` on the first problem."""
-    from maxl_jax import methods  # the registry imports the methods, which import this module
-
-    for name, (kind, low, inclusive) in _RANGES.items():
-        if name in config:
-            check_range(name, config[name], kind, low, inclusive,
-                        high=1.0 if name == "train_fraction" else None)
-    check_precision(config)
-    if "method" in config:
-        try:
-            cls = methods.get(config.method)
-        except ValueError as e:
-            raise ConfigError(f"--method / --config.method: {e}") from None
-        cls.validate_config(config)
-
-
 def check_precision(config) -> None:
     """``dtype`` is one of ``precision.DTYPES`` and ``loss_scale`` a power of two (scaling and
     unscaling gradients by it is then exact; 1: none)."""
-    from maxl_jax import precision
-
     dtype = config.get("dtype", "float32") if "dtype" in config else "float32"
     if not isinstance(dtype, str) or dtype not in precision.DTYPES:
         raise ConfigError(f"--config.dtype={dtype!r} is not a supported compute dtype; choose one "
@@ -128,29 +110,6 @@ def check_precision(config) -> None:
         if 2.0 ** round(np.log2(float(scale))) != float(scale):
             raise ConfigError(f"--config.loss_scale={scale!r} is not a power of two (1 means no "
                               f"loss scaling; see maxl_jax/precision.py)")
-
-
-def ignored_settings(config, base, method_cls) -> list[str]:
-    """The fields of ``config`` changed from ``base`` (the config file's own values) that method
-    ``method_cls`` does not read: settings the user gave that would have no effect."""
-    from maxl_jax import methods
-
-    method_fields = set()
-    for name in methods.names():
-        method_fields |= set(methods.get(name).config_fields)
-    used = set(method_cls.config_fields)
-    out = [f for f in sorted(method_fields - used)
-           if f in config and f in base and _plain(config[f]) != _plain(base[f])]
-    for name, fields in methods.defaults().items():
-        if name == method_cls.name or name not in config or name not in base:
-            continue
-        out += [f"{name}.{k}" for k in sorted(fields)
-                if _plain(config[name][k]) != _plain(base[name][k])]
-    return out
-
-
-def _plain(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 # ----------------------------------------------------------------------------------- arrays
@@ -200,3 +159,14 @@ def check_hierarchy(psi: Sequence[int], num_primary: int, heads: Mapping[str, in
         if size != sum(psi):
             raise ValueError(f"{name} has {size} outputs but psi needs sum(psi) = {sum(psi)}: build "
                              f"the networks with sum(psi) auxiliary classes")
+
+
+_MOVED = {"validate_config": "maxl_jax.config_checks.validate_config",
+          "ignored_settings": "maxl_jax.config_checks.ignored_settings"}
+
+
+def __getattr__(name):
+    if name in _MOVED:  # moved out so that this module imports no method (no import cycle)
+        raise AttributeError(f"maxl_jax.validation.{name} moved to {_MOVED[name]} (it needs the "
+                             f"method registry, which imports this module)")
+    raise AttributeError(f"module 'maxl_jax.validation' has no attribute {name!r}")

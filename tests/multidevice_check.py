@@ -66,10 +66,10 @@ def main():
 
     # The bare meta-gradient too, on 8 devices via shard_map.
     f_vars, g_vars = state0.multitask_variables, Maxl.generator_variables(state0)
-    mg1 = jax.jit(lambda x, y: maxl.meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI).grad)(
+    mg1 = jax.jit(lambda x, y: maxl.generator_meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI).grad)(
         batch["image"], batch["primary"])
     mg8 = jax.jit(jax.shard_map(
-        lambda x, y: maxl.meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI,
+        lambda x, y: maxl.generator_meta_gradient(mt, gen, f_vars, g_vars, x, y, PSI,
                                         axis_name=parallel.DATA_AXIS).grad,
         mesh=mesh, in_specs=(jax.P(parallel.DATA_AXIS), jax.P(parallel.DATA_AXIS)),
         out_specs=jax.P()))(batch["image"], batch["primary"])

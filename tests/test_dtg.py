@@ -27,7 +27,7 @@ import optax
 import pytest
 
 from experiments.configs import tiny
-from maxl_jax import methods, models, validation
+from maxl_jax import config_checks, methods, models, validation
 from maxl_jax.methods.dtg import Dtg, JointGenerator
 from compat import enable_x64
 
@@ -237,12 +237,12 @@ def dtg_config(**fields):
 ])
 def test_bad_settings_raise_a_config_error_naming_the_field(field, value, match):
     with pytest.raises(validation.ConfigError, match=match):
-        validation.validate_config(dtg_config(**{field: value}))
+        config_checks.validate_config(dtg_config(**{field: value}))
 
 
 def test_good_settings_build_and_bad_constructions_are_refused():
     config = dtg_config(hidden=5)
-    validation.validate_config(config)
+    config_checks.validate_config(config)
     setup = methods.Setup(num_primary=2, psi_human=None, steps_per_epoch=4, dataset="test")
     config.psi = PSI
     m = methods.build(config, setup)

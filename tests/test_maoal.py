@@ -28,7 +28,7 @@ import optax
 import pytest
 
 from experiments.configs import default
-from maxl_jax import meta, methods, models, validation
+from maxl_jax import config_checks, meta, methods, models, validation
 from maxl_jax.methods import AuxTask
 from maxl_jax.methods.maoal import (Maoal, MaoalGenerate, hypergradient, importance_direction,
                                     module_assignment)
@@ -399,7 +399,7 @@ def test_bad_settings_raise_a_config_error_naming_the_field(field, value, match)
     config.method = "maoal"
     config.maoal[field] = value
     with pytest.raises(validation.ConfigError, match=match):
-        validation.validate_config(config)
+        config_checks.validate_config(config)
 
 
 def test_bad_constructions_raise_clear_errors():

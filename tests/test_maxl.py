@@ -21,8 +21,8 @@ PSI = (2, 3)
 
 
 def jit_meta_gradient(mt, gen, **kw):
-    """maxl.meta_gradient compiled for fixed networks and settings (eager dispatch is slow)."""
-    return jax.jit(lambda f_vars, g_vars, x, y: maxl.meta_gradient(mt, gen, f_vars, g_vars, x, y,
+    """maxl.generator_meta_gradient compiled for fixed networks and settings (eager dispatch is slow)."""
+    return jax.jit(lambda f_vars, g_vars, x, y: maxl.generator_meta_gradient(mt, gen, f_vars, g_vars, x, y,
                                                                   PSI, **kw))
 
 
@@ -149,7 +149,7 @@ def test_forward_over_reverse_equals_reverse_at_a_size_xla_once_miscompiled():
 
     @jax.jit
     def both(f_vars, g_vars):
-        return [jax.flatten_util.ravel_pytree(maxl.meta_gradient(
+        return [jax.flatten_util.ravel_pytree(maxl.generator_meta_gradient(
             mt, gen, f_vars, g_vars, x, y, psi, inner_lr=0.01, form=form).grad)[0]
             for form in ("reverse", "forward_over_reverse")]
 

@@ -230,7 +230,7 @@ def test_wamal_meta_gradient_equals_float64_finite_differences_and_reaches_the_w
                                                x, True, mutable=["batch_stats"])
             return losses.primary_focal_loss(logits, y) + 0.2 * losses.entropy_term(soft)
 
-        result = jax.jit(lambda f, g: maxl.meta_gradient(
+        result = jax.jit(lambda f, g: maxl.generator_meta_gradient(
             m.multitask, m.generator, f, g, x, y, PSI, inner_lr=alpha,
             weight_range=m.weight_range))(f_vars, g_vars)
         np.testing.assert_allclose(float(result.meta_loss), float(objective(g_vars["params"])),
@@ -300,7 +300,7 @@ def test_wamal_authors_batch_weight_with_normalisation_has_zero_weight_head_grad
         f_vars, g_vars = state.multitask_variables, m.generator_variables(state)
         norms = {}
         for normalize in (True, False):
-            result = maxl.meta_gradient(
+            result = maxl.generator_meta_gradient(
                 m.multitask, m.generator, f_vars, g_vars, batch["image"], batch["primary"], PSI,
                 inner_lr=0.5, weight_range=m.weight_range, normalize_weights=normalize,
                 weight_form="batch")

@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import tiny
-from maxl_jax import losses, methods, train, validation
+from maxl_jax import config_checks, losses, methods, train, validation
 from maxl_jax.methods import AuxTask
 from maxl_jax.methods.olaux import AUTHORS, LOG_FLOOR, OURS, OlAux
 from test_methods import flat, make_batch, networks  # noqa: E402  (the same PSI and SHAPE)
@@ -201,7 +201,7 @@ def test_defaults_are_ours_and_keep_the_state_checkpoints_hold():
     assert {k: OlAux.defaults()[k] for k in OURS} == OURS
     assert OlAux.defaults()["authors"] is False and OlAux.defaults()["log_min_loss"] == 0.02
     c = olaux_config()
-    validation.validate_config(c)
+    config_checks.validate_config(c)
     m = OlAux.from_config(c, SETUP)
     assert (m.beta, m.reduce, m.smooth, m.log_losses, m.main_gradient) == (
         1.0, "mean", 1, False, "primary")
@@ -213,7 +213,7 @@ def test_defaults_are_ours_and_keep_the_state_checkpoints_hold():
 
 def test_authors_preset_builds_the_authors_settings_and_records_them():
     c = olaux_config(authors=True)
-    validation.validate_config(c)
+    config_checks.validate_config(c)
     m = OlAux.from_config(c, SETUP)
     assert {k: getattr(m, k) for k in AUTHORS} == AUTHORS
     assert m.every == c.olaux.every == 2 and m.log_min_loss == 0.02  # kept as given (tiny: 2)
@@ -228,7 +228,7 @@ def test_authors_preset_builds_the_authors_settings_and_records_them():
     assert "= mean with beta 10" in mode["weight step"]  # 5 N, N = 2
     # Individual fields give the same method.
     c2 = olaux_config(**AUTHORS)
-    validation.validate_config(c2)
+    config_checks.validate_config(c2)
     assert OlAux.settings(c2.olaux) == OlAux.settings(c.olaux)
 
 
@@ -239,7 +239,7 @@ def test_authors_preset_builds_the_authors_settings_and_records_them():
 def test_authors_preset_refuses_a_field_it_would_override(field, value, match):
     c = olaux_config(authors=True, **{field: value})
     with pytest.raises(validation.ConfigError, match=match):
-        validation.validate_config(c)
+        config_checks.validate_config(c)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -252,7 +252,7 @@ def test_authors_preset_refuses_a_field_it_would_override(field, value, match):
 ])
 def test_bad_option_values_name_the_field(field, value, match):
     with pytest.raises(validation.ConfigError, match=match):
-        validation.validate_config(olaux_config(**{field: value}))
+        config_checks.validate_config(olaux_config(**{field: value}))
 
 
 def test_authors_run_resumes_from_its_checkpoint_exactly(tmp_path):

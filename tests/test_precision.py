@@ -65,7 +65,7 @@ def meta_gradients(variables):
     out = {}
     for dtype in ("float32", "bfloat16"):
         f, g = tiny_networks(dtype)
-        fn = jax.jit(lambda fv, gv, x, y: maxl.meta_gradient(
+        fn = jax.jit(lambda fv, gv, x, y: maxl.generator_meta_gradient(
             f, g, fv, gv, x, y, PSI, inner_lr=0.1, validate=False).grad)
         out[dtype] = fn(f_vars, g_vars, b["image"], b["primary"])
     return out

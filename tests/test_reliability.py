@@ -26,7 +26,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import tiny
-from maxl_jax import train, validation
+from maxl_jax import config_checks, train, validation
 from maxl_jax.checkpoint import (CheckpointError, CheckpointWriteError, DamagedCheckpointError,
                                  read_state)
 
@@ -298,9 +298,9 @@ def test_settings_a_method_ignores_are_reported():
     from maxl_jax import methods
     base, c = tiny.get_config(), tiny.get_config()
     c.psi, c.wamal.weight_range = (5,) * 5, 2.0
-    ignored = validation.ignored_settings(c, base, methods.get("human"))
+    ignored = config_checks.ignored_settings(c, base, methods.get("human"))
     assert ignored == ["psi", "wamal.weight_range"]
-    assert validation.ignored_settings(c, base, methods.get("maxl")) == ["wamal.weight_range"]
+    assert config_checks.ignored_settings(c, base, methods.get("maxl")) == ["wamal.weight_range"]
 
 
 @pytest.mark.parametrize("field, value", [("lr", 0.02), ("augment", True), ("gamma", 1.0),

@@ -25,7 +25,7 @@ import optax
 import pytest
 
 from experiments.configs import default
-from maxl_jax import models, validation
+from maxl_jax import config_checks, models, validation
 from maxl_jax.methods import rlaux
 from maxl_jax.methods.rlaux import Policy, RlAux
 
@@ -173,12 +173,12 @@ def rlaux_config(**fields):
 def test_bad_settings_raise_a_config_error_naming_the_field(field, value, match):
     config = rlaux_config(**{field: value})
     with pytest.raises(validation.ConfigError, match=match):
-        validation.validate_config(config)
+        config_checks.validate_config(config)
 
 
 def test_default_settings_are_the_authors_weight_aware_ppo():
     config = rlaux_config()
-    validation.validate_config(config)
+    config_checks.validate_config(config)
     d = RlAux.defaults()
     assert d["weight_aware"] is True and d["weight_bins"] == 21
     assert (d["ppo_lr"], d["ent_coef"], d["ppo_epochs"], d["ppo_batch"]) == (3e-4, 0.01, 10, 100)

@@ -8,7 +8,7 @@ same:
 * theta1 update (the new parameters after one SGD step, and the step ``new - old`` itself),
 * BatchNorm running statistics of f and g after the theta1 step (PyTorch updates the running
   variance with the unbiased batch variance; so does our ``models.BatchNorm``),
-* theta2 meta-gradient w.r.t. every generator parameter (``maxl.meta_gradient``, both forms
+* theta2 meta-gradient w.r.t. every generator parameter (``maxl.generator_meta_gradient``, both forms
   ``"reverse"`` and ``"forward_over_reverse"``), the meta objective and its parts,
 * theta2 update of g (``Maxl.meta_step``: SGD lr 1e-3 with L2 weight decay 5e-4) and the
   running statistics after it (``-m slow``, with the ``xla`` conv variant: each adds a compilation).
@@ -177,7 +177,7 @@ def make_setup(conv_impl: str, weight_seed: int = WEIGHT_SEED, batch_seed: int =
 def jax_results(m: Maxl, state, batch) -> dict:
     """Everything the tests compare, from one compiled XLA program (one compilation instead of four:
     compiling dominates this test's time): eval-mode outputs, ``m.train_step`` and
-    ``maxl.meta_gradient`` in both forms."""
+    ``maxl.generator_meta_gradient`` in both forms."""
     def everything(state, batch):
         pri, aux = m.multitask.apply(state.multitask_variables, batch["image"], False)
         labels, _ = maxl.generate_labels(m.generator, m.generator_variables(state), batch["image"],
@@ -185,7 +185,7 @@ def jax_results(m: Maxl, state, batch) -> dict:
         out = {"eval": (jax.nn.softmax(pri), jax.nn.softmax(aux), labels),
                "theta1": m.train_step(state, batch)}
         for form in FORMS:
-            out[form] = maxl.meta_gradient(
+            out[form] = maxl.generator_meta_gradient(
                 m.multitask, m.generator, state.multitask_variables, m.generator_variables(state),
                 batch["image"], batch["primary"], PSI, inner_lr=0.01, entropy_weight=0.2,
                 form=form)

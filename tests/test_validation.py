@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from maxl_jax import make_networks, meta_gradient, parallel, steps, train, validation
+from maxl_jax import make_networks, generator_meta_gradient, parallel, steps, train, validation
 from maxl_jax.methods import AuxTask
 from maxl_jax.methods.equal import Human
 
@@ -33,30 +33,46 @@ def nets():
 def test_meta_gradient_refuses_out_of_range_or_malformed_labels(nets, labels, match):
     mt, gen, f, g, x = nets
     with pytest.raises(ValueError, match=match):
-        meta_gradient(mt, gen, f, g, x, np.asarray(labels), PSI)
+        generator_meta_gradient(mt, gen, f, g, x, np.asarray(labels), PSI)
 
 
 def test_meta_gradient_refuses_uint8_images_and_a_psi_that_does_not_fit(nets):
     mt, gen, f, g, x = nets
     y = np.arange(4)
     with pytest.raises(ValueError, match="x \\(images\\) has dtype uint8; expected float images"):
-        meta_gradient(mt, gen, f, g, (x * 0).astype(np.uint8), y, PSI)
+        generator_meta_gradient(mt, gen, f, g, (x * 0).astype(np.uint8), y, PSI)
     with pytest.raises(ValueError, match="psi has 3 entries but the multi-task network has 4"):
-        meta_gradient(mt, gen, f, g, x, y, [5] * 3)
+        generator_meta_gradient(mt, gen, f, g, x, y, [5] * 3)
     with pytest.raises(ValueError, match="auxiliary head has 20 outputs but psi needs sum"):
-        meta_gradient(mt, gen, f, g, x, y, [4] * 4)
+        generator_meta_gradient(mt, gen, f, g, x, y, [4] * 4)
 
 
 def test_inside_jit_the_static_checks_run_and_validate_false_skips_them(nets):
     mt, gen, f, g, x = nets
     y = np.arange(4)
-    r = jax.jit(lambda x, y: meta_gradient(mt, gen, f, g, x, y, PSI).meta_loss)(x, y)
+    r = jax.jit(lambda x, y: generator_meta_gradient(mt, gen, f, g, x, y, PSI).meta_loss)(x, y)
     assert np.isfinite(float(r))
     with pytest.raises(ValueError, match="expected integer class labels"):
-        jax.jit(lambda x, y: meta_gradient(mt, gen, f, g, x, y, PSI).meta_loss)(x, y * 1.0)
-    r = jax.jit(lambda x, y: meta_gradient(mt, gen, f, g, x, y, PSI, validate=False).meta_loss)(
-        x, y)
+        jax.jit(lambda x, y: generator_meta_gradient(mt, gen, f, g, x, y, PSI).meta_loss)(x, y * 1.0)
+    r = jax.jit(lambda x, y: generator_meta_gradient(mt, gen, f, g, x, y, PSI,
+                                                     validate=False).meta_loss)(x, y)
     assert np.isfinite(float(r))
+
+
+def test_the_old_name_meta_gradient_warns_and_gives_generator_meta_gradient(nets):
+    """``maxl_jax.meta_gradient`` (renamed: ``maxl_jax.meta.meta_gradient`` is the estimators')
+    still works, with a DeprecationWarning naming the new name, and returns the same result."""
+    import maxl_jax
+
+    mt, gen, f, g, x = nets
+    y = np.arange(4)
+    new = jax.jit(lambda x, y: generator_meta_gradient(mt, gen, f, g, x, y, PSI).grad)(x, y)
+    with pytest.warns(DeprecationWarning, match="maxl_jax.generator_meta_gradient"):
+        old = jax.jit(lambda x, y: maxl_jax.meta_gradient(mt, gen, f, g, x, y, PSI).grad)(x, y)
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(AttributeError, match="moved to maxl_jax.config_checks.validate_config"):
+        validation.validate_config
 
 
 def test_data_parallel_steps_refuse_labels_outside_their_class_or_block():

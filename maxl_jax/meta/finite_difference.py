@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxl_jax.meta.unroll import LossFn, MetaGradient, PyTree, one_step_meta_gradient
+from maxl_jax.meta.core import LossFn, MetaGradient, PyTree, one_step_meta_gradient
 
 #: The reference's radius: eps = 0.01 / ||v||.
 REFERENCE_RADIUS = 0.01

@@ -55,7 +55,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
-from maxl_jax.meta.unroll import LossFn, MetaGradient, PyTree
+from maxl_jax.meta.core import LossFn, MetaGradient, PyTree
 
 SOLVERS = ("neumann", "cg")
 

@@ -51,7 +51,7 @@ class Maxl(base.Method):
       generator_optimizer: optax transformation for theta2.
       inner_lr: schedule of the inner step size alpha, a function of ``meta_step``.
       inner_optimizer: ``lr -> GradientTransformation`` used for theta1+ (default plain SGD).
-      inner_steps, entropy_weight, aux_weight: as in ``maxl.meta_gradient``.
+      inner_steps, entropy_weight, aux_weight: as in ``maxl.generator_meta_gradient``.
       meta_form: ``"reverse"``, ``"forward_over_reverse"`` (exact) or ``"finite_difference"``.
     """
 
@@ -175,7 +175,7 @@ class Maxl(base.Method):
                 alpha=alpha, aux_weight=self.aux_weight, gamma=self.gamma,
                 entropy_weight=self.entropy_weight, axis_name=axis_name, mask=batch.get("mask"))
         else:
-            result = maxl.meta_gradient(
+            result = maxl.generator_meta_gradient(
                 self.multitask, self.generator, state.multitask_variables,
                 self.generator_variables(state), batch["image"], batch["primary"], self.psi,
                 inner_optimizer=self.inner_optimizer(alpha), inner_steps=self.inner_steps,

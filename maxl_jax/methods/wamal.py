@@ -145,7 +145,7 @@ class Wamal(Maxl):
         """One meta update of the generator (both heads) on ``batches['train']``."""
         batch = batches["train"]
         alpha = self.inner_lr(state.meta_step)
-        result = maxl.meta_gradient(
+        result = maxl.generator_meta_gradient(
             self.multitask, self.generator, state.multitask_variables,
             self.generator_variables(state), batch["image"], batch["primary"], self.psi,
             inner_optimizer=self.inner_optimizer(alpha), inner_steps=self.inner_steps,
