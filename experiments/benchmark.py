@@ -105,7 +105,8 @@ def _given(aux_tasks: str, psi=(), every: int = 0) -> dict:
 
 
 def _generators(psi, suffix: str, every: int = 0) -> dict:
-    return {f"wamal{suffix}": Variant("wamal", psi),
+    return {"tailoring": Variant("tailoring"), "meta_tailoring": Variant("meta_tailoring"),
+            f"wamal{suffix}": Variant("wamal", psi),
             f"auxilearn_generate{suffix}": Variant("auxilearn_generate", psi,
                                                    overrides=_every("auxilearn_generate", every),
                                                    note=_EVERY_NOTE if every else ""),
