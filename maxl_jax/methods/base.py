@@ -128,6 +128,19 @@ class Setup:
     dataset: str = ""
 
 
+def implicit_estimator_mode(fields) -> str:
+    """How a method's ``solver``, ``terms``, ``damping`` and ``scale_by_alpha`` fields set its
+    implicit hypergradient (``meta.implicit_gradient``), for ``mode_of``; "(the authors')" marks
+    AuxiLearn's and MAOAL's Neumann J = 3 without the leading alpha, undamped."""
+    solver, terms, damping = str(fields.solver), int(fields.terms), float(fields.damping)
+    form = (f"Neumann J = {terms}" + ("" if fields.scale_by_alpha else
+                                      ", without the leading alpha")
+            if solver == "neumann" else f"CG, {terms} iterations")
+    form += f", damping {damping:g}" if damping else ", undamped"
+    authors = solver == "neumann" and terms == 3 and not damping and not fields.scale_by_alpha
+    return form + (" (the authors')" if authors else "")
+
+
 # ---------------------------------------------------------------------------------- the base class
 
 

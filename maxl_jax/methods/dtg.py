@@ -196,14 +196,8 @@ class Dtg(base.Method):
 
     @classmethod
     def mode_of(cls, config) -> dict[str, str]:
-        c = config[cls.name]
-        solver, terms, damping = str(c.solver), int(c.terms), float(c.damping)
-        form = (f"Neumann J = {terms}" + ("" if c.scale_by_alpha else ", without the leading alpha")
-                if solver == "neumann" else f"CG, {terms} iterations")
-        form += f", damping {damping:g}" if damping else ", undamped"
-        authors = solver == "neumann" and terms == 3 and not damping and not c.scale_by_alpha
         return {**super().mode_of(config),
-                "hypergradient": form + (" (the authors')" if authors else "")}
+                "hypergradient": base.implicit_estimator_mode(config[cls.name])}
 
     @classmethod
     def held_out_fraction_of(cls, config) -> float:
